@@ -1,0 +1,57 @@
+//! Settings for ingest-api: every environment variable, its default and meaning, in one place.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::store::Synchronous;
+
+/// ingest-api: HTTP API that stores telemetry events in SQLite.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ingest-api", version, about)]
+pub struct Settings {
+    /// TCP port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Address to bind.
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
+    pub bind_addr: String,
+    /// SQLite database file; its directory is created when missing.
+    #[arg(long, env = "DATABASE_PATH", default_value = "data/ingest.db")]
+    pub database_path: PathBuf,
+    /// SQLite `synchronous` setting. FULL makes every acknowledged write survive power loss.
+    #[arg(long, env = "SQLITE_SYNCHRONOUS", value_enum, default_value = "full", ignore_case = true)]
+    pub sqlite_synchronous: Synchronous,
+    /// Largest accepted request body in bytes (larger answers 413).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most events in one `POST /events/batch` (more answers 413).
+    #[arg(long, env = "MAX_BATCH_LEN", default_value_t = 10_000)]
+    pub max_batch_len: usize,
+    /// Default page size of `GET /events`.
+    #[arg(long, env = "DEFAULT_PAGE_SIZE", default_value_t = 100)]
+    pub default_page_size: u64,
+    /// Largest page size of `GET /events` (larger answers 400).
+    #[arg(long, env = "MAX_PAGE_SIZE", default_value_t = 1000)]
+    pub max_page_size: u64,
+    /// Longest a request may take, body included, in milliseconds (then 408).
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+}
+
+impl Settings {
+    /// Reads the environment only (no command-line arguments); a bad value exits with one line
+    /// naming the variable.
+    pub fn from_env() -> Self {
+        Settings::parse_from(std::iter::once("ingest-api"))
+    }
+
+    /// Defaults with a given database path and port 0, for tests and benchmarks.
+    pub fn for_tests(database_path: PathBuf) -> Self {
+        let mut s = Settings::parse_from(["ingest-api"]);
+        s.database_path = database_path;
+        s.port = 0;
+        s.bind_addr = "127.0.0.1".into();
+        s
+    }
+}

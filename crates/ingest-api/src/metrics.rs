@@ -1,0 +1,19 @@
+//! ingest-api's metrics, emitted once per request or commit, never per event.
+
+use metrics::{counter, histogram};
+
+/// A write transaction committed `requests` queued requests in `seconds`.
+pub(crate) fn commit(seconds: f64, requests: usize) {
+    histogram!("ingest_api_insert_duration_seconds").record(seconds);
+    histogram!("ingest_api_commit_group_size").record(requests as f64);
+}
+
+pub(crate) fn rows_inserted(n: usize) {
+    counter!("ingest_api_rows_inserted_total").increment(n as u64);
+}
+
+/// A batch was applied (`replayed` false) or answered from its idempotency key.
+pub(crate) fn batch(replayed: bool, rows: usize) {
+    counter!("ingest_api_batches_total", "replayed" => if replayed { "true" } else { "false" }).increment(1);
+    rows_inserted(rows);
+}

@@ -1,0 +1,171 @@
+//! HTTP routes of ingest-api. Bodies are read by hand so every bad input answers JSON.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use serde_json::json;
+use service_common::{read_body, require_json, ApiError};
+use sha2::{Digest, Sha256};
+use telemetry_core::{parse_batch, Event};
+
+use crate::store::{IdempotencyKey, Store, StoreError};
+use crate::Settings;
+
+/// Header carrying a batch's idempotency key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Header set on an answer replayed from an idempotency key.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+const MAX_KEY_LEN: usize = 255;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub settings: Arc<Settings>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/event", post(post_event))
+        .route("/events/batch", post(post_batch))
+        .route("/events", get(get_events))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(|req, next| service_common::track_requests("ingest_api", req, next)))
+        .with_state(state)
+}
+
+fn store_error(err: StoreError) -> ApiError {
+    match err {
+        StoreError::KeyReused => {
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "idempotency key was already used with a different body",
+            );
+            e.field = Some("Idempotency-Key");
+            e
+        }
+        other => {
+            tracing::error!(error = %other, "store request failed");
+            ApiError::internal()
+        }
+    }
+}
+
+async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    require_json(&headers, false)?;
+    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let event = Event::from_json(&bytes)?;
+    let stored = state.store.insert_one(event).await.map_err(store_error)?;
+    Ok((StatusCode::CREATED, Json(stored)).into_response())
+}
+
+fn idempotency_key(headers: &HeaderMap, body: &[u8]) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            let mut e = ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            );
+            e.field = Some("Idempotency-Key");
+            e
+        })?;
+    Ok(Some(IdempotencyKey { key: key.to_owned(), body_hash: Sha256::digest(body).into() }))
+}
+
+async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    require_json(&headers, false)?;
+    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let key = idempotency_key(&headers, &bytes)?;
+    let events = parse_batch(&bytes)?;
+    if events.len() > state.settings.max_batch_len {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("batch has {} events, the limit is {}", events.len(), state.settings.max_batch_len),
+        ));
+    }
+    let receipt = state.store.insert_batch(events, key).await.map_err(store_error)?;
+    let status = StatusCode::from_u16(receipt.status).unwrap_or(StatusCode::CREATED);
+    let mut response = (status, [(axum::http::header::CONTENT_TYPE, "application/json")], receipt.body).into_response();
+    if receipt.replayed {
+        response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// Parses `page` and `size`; anything else in the query is ignored.
+fn page_params(query: Option<&str>, settings: &Settings) -> Result<(u64, u64), ApiError> {
+    let mut page = 1u64;
+    let mut size = settings.default_page_size;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (field, slot, max): (&'static str, &mut u64, u64) = match name {
+            "page" => ("page", &mut page, u64::MAX / 2),
+            "size" => ("size", &mut size, settings.max_page_size),
+            _ => continue,
+        };
+        *slot = value.parse::<u64>().ok().filter(|v| (1..=max).contains(v)).ok_or_else(|| {
+            let rule = if field == "page" {
+                "page must be an integer >= 1".to_owned()
+            } else {
+                format!("size must be an integer from 1 to {max}")
+            };
+            let mut e = ApiError::bad_request("invalid_query", rule);
+            e.field = Some(field);
+            e
+        })?;
+    }
+    Ok((page, size))
+}
+
+async fn get_events(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    let (page, size) = page_params(query.as_deref(), &state.settings)?;
+    let (events, total) = state.store.page(page, size).await.map_err(store_error)?;
+    let total_pages = total.div_ceil(size);
+    Ok(Json(json!({
+        "page": page,
+        "size": size,
+        "total": total,
+        "totalPages": total_pages,
+        "hasMore": page < total_pages,
+        "data": events,
+    }))
+    .into_response())
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.store.ping().await {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::unavailable("database is not answering", 1).into_response()
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        service_common::metrics_handle().render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

@@ -1,0 +1,55 @@
+//! Building and running the ingest-api application.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::routes::{router, AppState};
+use crate::store::Store;
+use crate::Settings;
+
+/// A bound, ready-to-run ingest-api.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Opens the database and binds the port (port 0 picks a free one).
+    pub async fn build(settings: Settings) -> std::io::Result<Application> {
+        let store = Store::open(&settings.database_path, settings.sqlite_synchronous)
+            .map_err(|e| std::io::Error::other(format!("opening {}: {e}", settings.database_path.display())))?;
+        let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
+        // Make the metric families exist from the start.
+        let _ = service_common::metrics_handle();
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            database = %settings.database_path.display(),
+            synchronous = settings.sqlite_synchronous.pragma(),
+            "ingest-api listening"
+        );
+        Ok(Application { listener, state: AppState { store, settings: Arc::new(settings) } })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let timeout = Duration::from_millis(self.state.settings.request_timeout_ms);
+        let app = router(self.state).layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        tracing::info!("ingest-api stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,338 @@
+//! The SQLite store: one writer thread that owns the write connection and commits concurrent
+//! requests together (one fsync for many batches, each in its own savepoint so they stay all
+//! or nothing), and a read connection for queries. WAL mode lets reads run beside writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use telemetry_core::Event;
+use tokio::sync::{mpsc, oneshot};
+
+/// How many queued write requests one transaction may take.
+const MAX_GROUP: usize = 64;
+
+/// Store errors; all but `KeyReused` are the server's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("idempotency key was already used with a different body")]
+    KeyReused,
+    #[error("store writer has stopped")]
+    Closed,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// SQLite's `synchronous` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Synchronous {
+    Off,
+    Normal,
+    Full,
+    Extra,
+}
+
+impl Synchronous {
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Off => "OFF",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        }
+    }
+}
+
+/// A stored event, as `GET /events` and `POST /event` show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredEvent {
+    pub id: i64,
+    #[serde(flatten)]
+    pub event: Event,
+    /// When the API stored it, epoch milliseconds.
+    #[serde(rename = "receivedAt")]
+    pub received_at: i64,
+}
+
+/// The answer to a batch insert, kept with its idempotency key so a replay answers the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchReceipt {
+    pub status: u16,
+    pub body: String,
+    pub replayed: bool,
+}
+
+/// An idempotency key and the SHA-256 of the body it first came with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub body_hash: [u8; 32],
+}
+
+enum WriteOp {
+    One { event: Event, reply: oneshot::Sender<Result<StoredEvent>> },
+    Batch { events: Vec<Event>, key: Option<IdempotencyKey>, reply: oneshot::Sender<Result<BatchReceipt>> },
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    writer: mpsc::Sender<WriteOp>,
+    reader: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for WriteOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteOp::One { .. } => f.write_str("WriteOp::One"),
+            WriteOp::Batch { events, .. } => write!(f, "WriteOp::Batch({})", events.len()),
+        }
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id   TEXT    NOT NULL,
+    ts          INTEGER NOT NULL,
+    latitude    REAL    NOT NULL,
+    longitude   REAL    NOT NULL,
+    received_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key         TEXT PRIMARY KEY,
+    body_sha256 BLOB    NOT NULL,
+    status      INTEGER NOT NULL,
+    response    TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+";
+
+/// Opens a connection with the pragmas every connection of this store uses.
+pub fn open_connection(path: &Path, synchronous: Synchronous) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous.pragma())?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating the file, its directory and the schema as needed) and starts the writer.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let writer_conn = open_connection(path, synchronous)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        let reader = open_connection(path, synchronous)?;
+        let (tx, rx) = mpsc::channel(1024);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx))?;
+        Ok(Store { writer: tx, reader: Arc::new(Mutex::new(reader)), path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stores one event; returns it with its id.
+    pub async fn insert_one(&self, event: Event) -> Result<StoredEvent> {
+        let (reply, rx) = oneshot::channel();
+        self.writer.send(WriteOp::One { event, reply }).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores a batch in one transaction, or replays the answer of an applied key.
+    pub async fn insert_batch(&self, events: Vec<Event>, key: Option<IdempotencyKey>) -> Result<BatchReceipt> {
+        let (reply, rx) = oneshot::channel();
+        self.writer.send(WriteOp::Batch { events, key, reply }).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// One page of stored events in insertion order, and the total count.
+    pub async fn page(&self, page: u64, size: u64) -> Result<(Vec<StoredEvent>, u64)> {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.unchecked_transaction()?; // one snapshot for rows and count
+            let total: i64 = tx.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
+            let offset = (page - 1).saturating_mul(size);
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, device_id, ts, latitude, longitude, received_at FROM events ORDER BY id LIMIT ?1 OFFSET ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![size as i64, offset.min(i64::MAX as u64) as i64], |r| {
+                    Ok(StoredEvent {
+                        id: r.get(0)?,
+                        event: Event { device_id: r.get(1)?, ts: r.get(2)?, latitude: r.get(3)?, longitude: r.get(4)? },
+                        received_at: r.get(5)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            drop(stmt);
+            tx.finish()?;
+            Ok((rows, total as u64))
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// True when the database answers a trivial query.
+    pub async fn ping(&self) -> bool {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Inserts rows with one prepared statement; returns the first and last ids.
+pub fn insert_rows(tx: &Connection, events: &[Event], received_at: i64) -> rusqlite::Result<Option<(i64, i64)>> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO events (device_id, ts, latitude, longitude, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut first = None;
+    let mut last = 0;
+    for e in events {
+        stmt.execute(params![e.device_id, e.ts, e.latitude, e.longitude, received_at])?;
+        last = tx.last_insert_rowid();
+        first.get_or_insert(last);
+    }
+    Ok(first.map(|f| (f, last)))
+}
+
+fn apply_batch(tx: &Connection, events: &[Event], key: Option<&IdempotencyKey>, now: i64) -> Result<BatchReceipt> {
+    if let Some(k) = key {
+        let found: Option<(Vec<u8>, u16, String)> = tx
+            .prepare_cached("SELECT body_sha256, status, response FROM idempotency_keys WHERE key = ?1")?
+            .query_row([&k.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        if let Some((hash, status, body)) = found {
+            if hash != k.body_hash {
+                return Err(StoreError::KeyReused);
+            }
+            return Ok(BatchReceipt { status, body, replayed: true });
+        }
+    }
+    let ids = insert_rows(tx, events, now)?;
+    let body = serde_json::json!({
+        "inserted": events.len(),
+        "firstId": ids.map(|i| i.0),
+        "lastId": ids.map(|i| i.1),
+    })
+    .to_string();
+    if let Some(k) = key {
+        tx.prepare_cached(
+            "INSERT INTO idempotency_keys (key, body_sha256, status, response, created_at) VALUES (?1, ?2, 201, ?3, ?4)",
+        )?
+        .execute(params![k.key, &k.body_hash[..], body, now])?;
+    }
+    Ok(BatchReceipt { status: 201, body, replayed: false })
+}
+
+fn apply_one(tx: &Connection, event: Event, now: i64) -> Result<StoredEvent> {
+    let (id, _) = insert_rows(tx, std::slice::from_ref(&event), now)?.expect("one row was inserted");
+    Ok(StoredEvent { id, event, received_at: now })
+}
+
+enum Done {
+    One(oneshot::Sender<Result<StoredEvent>>, Result<StoredEvent>),
+    Batch(oneshot::Sender<Result<BatchReceipt>>, Result<BatchReceipt>, usize),
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut ops = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.blocking_recv() {
+        ops.push(first);
+        while ops.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let start = Instant::now();
+        let now = now_ms();
+        let mut done = Vec::with_capacity(ops.len());
+        let committed = (|| -> rusqlite::Result<()> {
+            let mut tx = conn.transaction()?;
+            for op in ops.drain(..) {
+                // Each request in its own savepoint: one failing request leaves the others.
+                let mut sp = tx.savepoint()?;
+                let outcome = match op {
+                    WriteOp::One { event, reply } => {
+                        let r = apply_one(&sp, event, now);
+                        Done::One(reply, r)
+                    }
+                    WriteOp::Batch { events, key, reply } => {
+                        let r = apply_batch(&sp, &events, key.as_ref(), now);
+                        Done::Batch(reply, r, events.len())
+                    }
+                };
+                let ok = match &outcome {
+                    Done::One(_, r) => r.is_ok(),
+                    Done::Batch(_, r, _) => r.is_ok(),
+                };
+                if ok {
+                    sp.commit()?;
+                } else {
+                    sp.rollback()?;
+                }
+                done.push(outcome);
+            }
+            tx.commit()
+        })();
+        let elapsed = start.elapsed().as_secs_f64();
+        crate::metrics::commit(elapsed, done.len());
+        for d in done {
+            match d {
+                Done::One(reply, r) => {
+                    let r = match (&committed, r) {
+                        (Ok(()), r) => {
+                            if r.is_ok() {
+                                crate::metrics::rows_inserted(1);
+                            }
+                            r
+                        }
+                        (Err(e), _) => Err(StoreError::Sqlite(clone_err(e))),
+                    };
+                    let _ = reply.send(r);
+                }
+                Done::Batch(reply, r, n) => {
+                    let r = match (&committed, r) {
+                        (Ok(()), r) => {
+                            if let Ok(receipt) = &r {
+                                crate::metrics::batch(receipt.replayed, if receipt.replayed { 0 } else { n });
+                            }
+                            r
+                        }
+                        (Err(e), _) => Err(StoreError::Sqlite(clone_err(e))),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        if let Err(e) = committed {
+            tracing::error!(error = %e, "sqlite commit failed; the group's requests were answered with 500");
+        }
+    }
+}
+
+fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+}

@@ -1,0 +1,59 @@
+//! Reading request bodies with a size limit and a content-type check, answering JSON errors
+//! (axum's own extractors answer in plain text).
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use bytes::Bytes;
+use http_body_util::LengthLimitError;
+
+use crate::ApiError;
+
+/// What a body claims to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `application/json` (or any `+json` type).
+    Json,
+    /// `application/x-ndjson` or `application/jsonl`: one JSON document a line.
+    Ndjson,
+}
+
+/// Accepts JSON (and NDJSON when `ndjson_ok`); anything else is 415.
+pub fn require_json(headers: &HeaderMap, ndjson_ok: bool) -> Result<BodyKind, ApiError> {
+    let raw = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        return Ok(BodyKind::Json);
+    }
+    if ndjson_ok && matches!(mime.as_str(), "application/x-ndjson" | "application/ndjson" | "application/jsonl") {
+        return Ok(BodyKind::Ndjson);
+    }
+    let expected = if ndjson_ok { "application/json or application/x-ndjson" } else { "application/json" };
+    let mut e = ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("content-type must be {expected}"),
+    );
+    e.field = Some("content-type");
+    Err(e)
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413 and an empty body with 400.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
+        // to_bytes reports both "too large" and transport errors; tell them apart.
+        let too_large = err.into_inner().downcast_ref::<LengthLimitError>().is_some();
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {limit} bytes"),
+            )
+        } else {
+            ApiError::bad_request("body_read_failed", "could not read request body")
+        }
+    })?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("empty_body", "request body is empty"));
+    }
+    Ok(bytes)
+}
