@@ -20,7 +20,13 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_PATH", default_value = "data/ingest.db")]
     pub database_path: PathBuf,
     /// SQLite `synchronous` setting. FULL makes every acknowledged write survive power loss.
-    #[arg(long, env = "SQLITE_SYNCHRONOUS", value_enum, default_value = "full", ignore_case = true)]
+    #[arg(
+        long,
+        env = "SQLITE_SYNCHRONOUS",
+        value_enum,
+        default_value = "full",
+        ignore_case = true
+    )]
     pub sqlite_synchronous: Synchronous,
     /// Largest accepted request body in bytes (larger answers 413).
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]

@@ -38,7 +38,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(|req, next| service_common::track_requests("ingest_api", req, next)))
+        .layer(middleware::from_fn(|req, next| {
+            service_common::track_requests("ingest_api", req, next)
+        }))
         .with_state(state)
 }
 
@@ -60,7 +62,11 @@ fn store_error(err: StoreError) -> ApiError {
     }
 }
 
-async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn post_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
     let bytes = read_body(body, state.settings.max_body_bytes).await?;
     let event = Event::from_json(&bytes)?;
@@ -69,11 +75,15 @@ async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Bod
 }
 
 fn idempotency_key(headers: &HeaderMap, body: &[u8]) -> Result<Option<IdempotencyKey>, ApiError> {
-    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
     let key = raw
         .to_str()
         .ok()
-        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|k| {
+            !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic())
+        })
         .ok_or_else(|| {
             let mut e = ApiError::bad_request(
                 "invalid_idempotency_key",
@@ -82,10 +92,17 @@ fn idempotency_key(headers: &HeaderMap, body: &[u8]) -> Result<Option<Idempotenc
             e.field = Some("Idempotency-Key");
             e
         })?;
-    Ok(Some(IdempotencyKey { key: key.to_owned(), body_hash: Sha256::digest(body).into() }))
+    Ok(Some(IdempotencyKey {
+        key: key.to_owned(),
+        body_hash: Sha256::digest(body).into(),
+    }))
 }
 
-async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn post_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
     let bytes = read_body(body, state.settings.max_body_bytes).await?;
     let key = idempotency_key(&headers, &bytes)?;
@@ -94,14 +111,29 @@ async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Bod
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
-            format!("batch has {} events, the limit is {}", events.len(), state.settings.max_batch_len),
+            format!(
+                "batch has {} events, the limit is {}",
+                events.len(),
+                state.settings.max_batch_len
+            ),
         ));
     }
-    let receipt = state.store.insert_batch(events, key).await.map_err(store_error)?;
+    let receipt = state
+        .store
+        .insert_batch(events, key)
+        .await
+        .map_err(store_error)?;
     let status = StatusCode::from_u16(receipt.status).unwrap_or(StatusCode::CREATED);
-    let mut response = (status, [(axum::http::header::CONTENT_TYPE, "application/json")], receipt.body).into_response();
+    let mut response = (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        receipt.body,
+    )
+        .into_response();
     if receipt.replayed {
-        response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
 }
@@ -117,21 +149,28 @@ fn page_params(query: Option<&str>, settings: &Settings) -> Result<(u64, u64), A
             "size" => ("size", &mut size, settings.max_page_size),
             _ => continue,
         };
-        *slot = value.parse::<u64>().ok().filter(|v| (1..=max).contains(v)).ok_or_else(|| {
-            let rule = if field == "page" {
-                "page must be an integer >= 1".to_owned()
-            } else {
-                format!("size must be an integer from 1 to {max}")
-            };
-            let mut e = ApiError::bad_request("invalid_query", rule);
-            e.field = Some(field);
-            e
-        })?;
+        *slot = value
+            .parse::<u64>()
+            .ok()
+            .filter(|v| (1..=max).contains(v))
+            .ok_or_else(|| {
+                let rule = if field == "page" {
+                    "page must be an integer >= 1".to_owned()
+                } else {
+                    format!("size must be an integer from 1 to {max}")
+                };
+                let mut e = ApiError::bad_request("invalid_query", rule);
+                e.field = Some(field);
+                e
+            })?;
     }
     Ok((page, size))
 }
 
-async fn get_events(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+async fn get_events(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
     let (page, size) = page_params(query.as_deref(), &state.settings)?;
     let (events, total) = state.store.page(page, size).await.map_err(store_error)?;
     let total_pages = total.div_ceil(size);
@@ -156,7 +195,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics() -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         service_common::metrics_handle().render(),
     )
         .into_response()
@@ -167,5 +209,9 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }

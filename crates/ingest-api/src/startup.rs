@@ -22,8 +22,10 @@ pub struct Application {
 impl Application {
     /// Opens the database and binds the port (port 0 picks a free one).
     pub async fn build(settings: Settings) -> std::io::Result<Application> {
-        let store = Store::open(&settings.database_path, settings.sqlite_synchronous)
-            .map_err(|e| std::io::Error::other(format!("opening {}: {e}", settings.database_path.display())))?;
+        let store =
+            Store::open(&settings.database_path, settings.sqlite_synchronous).map_err(|e| {
+                std::io::Error::other(format!("opening {}: {e}", settings.database_path.display()))
+            })?;
         let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
         // Make the metric families exist from the start.
         let _ = service_common::metrics_handle();
@@ -33,7 +35,13 @@ impl Application {
             synchronous = settings.sqlite_synchronous.pragma(),
             "ingest-api listening"
         );
-        Ok(Application { listener, state: AppState { store, settings: Arc::new(settings) } })
+        Ok(Application {
+            listener,
+            state: AppState {
+                store,
+                settings: Arc::new(settings),
+            },
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -45,10 +53,18 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let timeout = Duration::from_millis(self.state.settings.request_timeout_ms);
-        let app = router(self.state).layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        let app = router(self.state).layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ));
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
         tracing::info!("ingest-api stopped");
         Ok(())
     }

@@ -76,8 +76,15 @@ pub struct IdempotencyKey {
 }
 
 enum WriteOp {
-    One { event: Event, reply: oneshot::Sender<Result<StoredEvent>> },
-    Batch { events: Vec<Event>, key: Option<IdempotencyKey>, reply: oneshot::Sender<Result<BatchReceipt>> },
+    One {
+        event: Event,
+        reply: oneshot::Sender<Result<StoredEvent>>,
+    },
+    Batch {
+        events: Vec<Event>,
+        key: Option<IdempotencyKey>,
+        reply: oneshot::Sender<Result<BatchReceipt>>,
+    },
 }
 
 /// Handle to the store; cheap to clone.
@@ -97,7 +104,8 @@ impl std::fmt::Debug for WriteOp {
     }
 }
 
-const SCHEMA: &str = "
+/// The tables of the events database.
+pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id   TEXT    NOT NULL,
@@ -137,7 +145,11 @@ impl Store {
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || writer_loop(writer_conn, rx))?;
-        Ok(Store { writer: tx, reader: Arc::new(Mutex::new(reader)), path: path.to_owned() })
+        Ok(Store {
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -147,14 +159,24 @@ impl Store {
     /// Stores one event; returns it with its id.
     pub async fn insert_one(&self, event: Event) -> Result<StoredEvent> {
         let (reply, rx) = oneshot::channel();
-        self.writer.send(WriteOp::One { event, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.writer
+            .send(WriteOp::One { event, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores a batch in one transaction, or replays the answer of an applied key.
-    pub async fn insert_batch(&self, events: Vec<Event>, key: Option<IdempotencyKey>) -> Result<BatchReceipt> {
+    pub async fn insert_batch(
+        &self,
+        events: Vec<Event>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<BatchReceipt> {
         let (reply, rx) = oneshot::channel();
-        self.writer.send(WriteOp::Batch { events, key, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.writer
+            .send(WriteOp::Batch { events, key, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -191,7 +213,8 @@ impl Store {
         let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .is_ok()
         })
         .await
         .unwrap_or(false)
@@ -199,35 +222,59 @@ impl Store {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Inserts rows with one prepared statement; returns the first and last ids.
-pub fn insert_rows(tx: &Connection, events: &[Event], received_at: i64) -> rusqlite::Result<Option<(i64, i64)>> {
+pub fn insert_rows(
+    tx: &Connection,
+    events: &[Event],
+    received_at: i64,
+) -> rusqlite::Result<Option<(i64, i64)>> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO events (device_id, ts, latitude, longitude, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut first = None;
     let mut last = 0;
     for e in events {
-        stmt.execute(params![e.device_id, e.ts, e.latitude, e.longitude, received_at])?;
+        stmt.execute(params![
+            e.device_id,
+            e.ts,
+            e.latitude,
+            e.longitude,
+            received_at
+        ])?;
         last = tx.last_insert_rowid();
         first.get_or_insert(last);
     }
     Ok(first.map(|f| (f, last)))
 }
 
-fn apply_batch(tx: &Connection, events: &[Event], key: Option<&IdempotencyKey>, now: i64) -> Result<BatchReceipt> {
+fn apply_batch(
+    tx: &Connection,
+    events: &[Event],
+    key: Option<&IdempotencyKey>,
+    now: i64,
+) -> Result<BatchReceipt> {
     if let Some(k) = key {
         let found: Option<(Vec<u8>, u16, String)> = tx
-            .prepare_cached("SELECT body_sha256, status, response FROM idempotency_keys WHERE key = ?1")?
+            .prepare_cached(
+                "SELECT body_sha256, status, response FROM idempotency_keys WHERE key = ?1",
+            )?
             .query_row([&k.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         if let Some((hash, status, body)) = found {
             if hash != k.body_hash {
                 return Err(StoreError::KeyReused);
             }
-            return Ok(BatchReceipt { status, body, replayed: true });
+            return Ok(BatchReceipt {
+                status,
+                body,
+                replayed: true,
+            });
         }
     }
     let ids = insert_rows(tx, events, now)?;
@@ -243,17 +290,30 @@ fn apply_batch(tx: &Connection, events: &[Event], key: Option<&IdempotencyKey>, 
         )?
         .execute(params![k.key, &k.body_hash[..], body, now])?;
     }
-    Ok(BatchReceipt { status: 201, body, replayed: false })
+    Ok(BatchReceipt {
+        status: 201,
+        body,
+        replayed: false,
+    })
 }
 
 fn apply_one(tx: &Connection, event: Event, now: i64) -> Result<StoredEvent> {
-    let (id, _) = insert_rows(tx, std::slice::from_ref(&event), now)?.expect("one row was inserted");
-    Ok(StoredEvent { id, event, received_at: now })
+    let (id, _) =
+        insert_rows(tx, std::slice::from_ref(&event), now)?.expect("one row was inserted");
+    Ok(StoredEvent {
+        id,
+        event,
+        received_at: now,
+    })
 }
 
 enum Done {
     One(oneshot::Sender<Result<StoredEvent>>, Result<StoredEvent>),
-    Batch(oneshot::Sender<Result<BatchReceipt>>, Result<BatchReceipt>, usize),
+    Batch(
+        oneshot::Sender<Result<BatchReceipt>>,
+        Result<BatchReceipt>,
+        usize,
+    ),
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
@@ -317,7 +377,10 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
                     let r = match (&committed, r) {
                         (Ok(()), r) => {
                             if let Ok(receipt) = &r {
-                                crate::metrics::batch(receipt.replayed, if receipt.replayed { 0 } else { n });
+                                crate::metrics::batch(
+                                    receipt.replayed,
+                                    if receipt.replayed { 0 } else { n },
+                                );
                             }
                             r
                         }

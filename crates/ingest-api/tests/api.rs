@@ -40,14 +40,23 @@ impl TestApp {
     }
 
     async fn get(&self, path_and_query: &str) -> reqwest::Response {
-        self.client.get(format!("{}{path_and_query}", self.base)).send().await.expect("request failed")
+        self.client
+            .get(format!("{}{path_and_query}", self.base))
+            .send()
+            .await
+            .expect("request failed")
     }
 
     /// Every stored event, paging through `GET /events`.
     async fn all_events(&self) -> Vec<Value> {
         let mut out = Vec::new();
         for page in 1.. {
-            let body: Value = self.get(&format!("/events?page={page}&size=1000")).await.json().await.unwrap();
+            let body: Value = self
+                .get(&format!("/events?page={page}&size=1000"))
+                .await
+                .json()
+                .await
+                .unwrap();
             let data = body["data"].as_array().unwrap().clone();
             if data.is_empty() {
                 break;
@@ -74,7 +83,11 @@ impl TestApp {
     }
 }
 
-async fn spawn_app_at(db: PathBuf, dir: Option<tempfile::TempDir>, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+async fn spawn_app_at(
+    db: PathBuf,
+    dir: Option<tempfile::TempDir>,
+    tweak: impl FnOnce(&mut Settings),
+) -> TestApp {
     let mut settings = Settings::for_tests(db.clone());
     tweak(&mut settings);
     let app = Application::build(settings).await.expect("app builds");
@@ -118,7 +131,10 @@ fn batch(device: &str, from: i64, len: i64) -> String {
 async fn error_body(resp: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(resp.status(), status, "unexpected status");
     assert!(
-        resp.headers()["content-type"].to_str().unwrap().starts_with("application/json"),
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
         "error bodies are JSON"
     );
     resp.json().await.unwrap()
@@ -127,7 +143,9 @@ async fn error_body(resp: reqwest::Response, status: StatusCode) -> Value {
 #[tokio::test]
 async fn post_event_stores_it_and_answers_the_row_with_its_id() {
     let app = spawn_app().await;
-    let resp = app.post_json("/event", event("dev-1", 1_700_000_000_000).to_string()).await;
+    let resp = app
+        .post_json("/event", event("dev-1", 1_700_000_000_000).to_string())
+        .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let row: Value = resp.json().await.unwrap();
     assert_eq!(row["id"], 1);
@@ -136,7 +154,10 @@ async fn post_event_stores_it_and_answers_the_row_with_its_id() {
     let stored = app.all_events().await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["latitude"], 37.77);
-    assert!(app.db.exists(), "database file and its directory are created");
+    assert!(
+        app.db.exists(),
+        "database file and its directory are created"
+    );
 }
 
 #[tokio::test]
@@ -146,7 +167,12 @@ async fn batch_is_stored_in_order_and_reports_ids() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body, json!({"inserted": 5, "firstId": 1, "lastId": 5}));
-    let ts: Vec<i64> = app.all_events().await.iter().map(|e| e["ts"].as_i64().unwrap()).collect();
+    let ts: Vec<i64> = app
+        .all_events()
+        .await
+        .iter()
+        .map(|e| e["ts"].as_i64().unwrap())
+        .collect();
     assert_eq!(ts, vec![10, 11, 12, 13, 14]);
 }
 
@@ -155,7 +181,11 @@ async fn batch_with_one_bad_item_stores_nothing_and_names_item_and_field() {
     let app = spawn_app().await;
     let mut items: Vec<Value> = (0..3).map(|ts| event("d", ts)).collect();
     items[2]["longitude"] = json!(181);
-    let body = error_body(app.post_batch(None, Value::Array(items).to_string()).await, StatusCode::BAD_REQUEST).await;
+    let body = error_body(
+        app.post_batch(None, Value::Array(items).to_string()).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     assert_eq!(body["field"], "longitude");
     assert_eq!(body["index"], 2);
     assert_eq!(app.total().await, 0);
@@ -179,8 +209,15 @@ async fn repeated_idempotency_key_replays_the_first_answer_and_stores_nothing() 
 #[tokio::test]
 async fn key_reused_with_another_body_is_refused() {
     let app = spawn_app().await;
-    assert_eq!(app.post_batch(Some("k"), batch("d", 0, 2)).await.status(), StatusCode::CREATED);
-    let body = error_body(app.post_batch(Some("k"), batch("d", 5, 2)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(
+        app.post_batch(Some("k"), batch("d", 0, 2)).await.status(),
+        StatusCode::CREATED
+    );
+    let body = error_body(
+        app.post_batch(Some("k"), batch("d", 5, 2)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_eq!(body["field"], "Idempotency-Key");
     assert_eq!(app.total().await, 2);
 }
@@ -188,7 +225,12 @@ async fn key_reused_with_another_body_is_refused() {
 #[tokio::test]
 async fn invalid_idempotency_key_is_refused() {
     let app = spawn_app().await;
-    let body = error_body(app.post_batch(Some(&"k".repeat(300)), batch("d", 0, 1)).await, StatusCode::BAD_REQUEST).await;
+    let body = error_body(
+        app.post_batch(Some(&"k".repeat(300)), batch("d", 0, 1))
+            .await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     assert_eq!(body["field"], "Idempotency-Key");
     assert_eq!(app.total().await, 0);
 }
@@ -207,14 +249,42 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
     let app = spawn_app().await;
     let cases: Vec<(&str, String, &str)> = vec![
         ("/event", "{\"deviceId\":".into(), "malformed_json"),
-        ("/event", "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":NaN,\"longitude\":0}".into(), "malformed_json"),
-        ("/event", "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":1e999,\"longitude\":0}".into(), "malformed_json"),
+        (
+            "/event",
+            "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":NaN,\"longitude\":0}".into(),
+            "malformed_json",
+        ),
+        (
+            "/event",
+            "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":1e999,\"longitude\":0}".into(),
+            "malformed_json",
+        ),
         ("/event", "[1,2]".into(), "invalid_event"),
-        ("/event", "{\"ts\":1,\"latitude\":0,\"longitude\":0}".into(), "invalid_event"),
-        ("/event", "{\"deviceId\":\"d\",\"ts\":\"now\",\"latitude\":0,\"longitude\":0}".into(), "invalid_event"),
-        ("/event", "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":-91,\"longitude\":0}".into(), "invalid_event"),
-        ("/events/batch", "{\"not\":\"an array\"}".into(), "invalid_body"),
-        ("/events/batch", "[{\"deviceId\":\"\",\"ts\":1,\"latitude\":0,\"longitude\":0}]".into(), "invalid_event"),
+        (
+            "/event",
+            "{\"ts\":1,\"latitude\":0,\"longitude\":0}".into(),
+            "invalid_event",
+        ),
+        (
+            "/event",
+            "{\"deviceId\":\"d\",\"ts\":\"now\",\"latitude\":0,\"longitude\":0}".into(),
+            "invalid_event",
+        ),
+        (
+            "/event",
+            "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":-91,\"longitude\":0}".into(),
+            "invalid_event",
+        ),
+        (
+            "/events/batch",
+            "{\"not\":\"an array\"}".into(),
+            "invalid_body",
+        ),
+        (
+            "/events/batch",
+            "[{\"deviceId\":\"\",\"ts\":1,\"latitude\":0,\"longitude\":0}]".into(),
+            "invalid_event",
+        ),
     ];
     for (path, body, code) in cases {
         let resp = app.post_json(path, body.clone()).await;
@@ -223,7 +293,8 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
         assert!(!json["message"].as_str().unwrap().is_empty());
     }
     let missing = error_body(
-        app.post_json("/event", "{\"ts\":1,\"latitude\":0,\"longitude\":0}").await,
+        app.post_json("/event", "{\"ts\":1,\"latitude\":0,\"longitude\":0}")
+            .await,
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -243,11 +314,20 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
     let text = error_body(text, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
     assert_eq!(text["field"], "content-type");
 
-    let no_type = app.client.post(format!("{}/events/batch", app.base)).body(batch("d", 0, 1)).send().await.unwrap();
+    let no_type = app
+        .client
+        .post(format!("{}/events/batch", app.base))
+        .body(batch("d", 0, 1))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(no_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     let bad_utf8 = app.post_json("/event", vec![b'{', 0xff, 0xfe, b'}']).await;
-    assert_eq!(error_body(bad_utf8, StatusCode::BAD_REQUEST).await["error"], "malformed_json");
+    assert_eq!(
+        error_body(bad_utf8, StatusCode::BAD_REQUEST).await["error"],
+        "malformed_json"
+    );
 
     assert_eq!(app.total().await, 0);
 }
@@ -260,10 +340,19 @@ async fn body_and_batch_limits_answer_413() {
     })
     .await;
     let big = app.post_batch(None, batch("d", 0, 100)).await; // ~7 KB
-    assert_eq!(error_body(big, StatusCode::PAYLOAD_TOO_LARGE).await["error"], "body_too_large");
+    assert_eq!(
+        error_body(big, StatusCode::PAYLOAD_TOO_LARGE).await["error"],
+        "body_too_large"
+    );
     let long = app.post_batch(None, batch("d", 0, 11)).await;
-    assert_eq!(error_body(long, StatusCode::PAYLOAD_TOO_LARGE).await["error"], "batch_too_large");
-    assert_eq!(app.post_batch(None, batch("d", 0, 10)).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        error_body(long, StatusCode::PAYLOAD_TOO_LARGE).await["error"],
+        "batch_too_large"
+    );
+    assert_eq!(
+        app.post_batch(None, batch("d", 0, 10)).await.status(),
+        StatusCode::CREATED
+    );
     assert_eq!(app.total().await, 10);
 }
 
@@ -271,17 +360,37 @@ async fn body_and_batch_limits_answer_413() {
 async fn pages_are_in_insertion_order_with_metadata() {
     let app = spawn_app().await;
     app.post_batch(None, batch("d", 0, 25)).await;
-    let p1: Value = app.get("/events?page=1&size=10").await.json().await.unwrap();
+    let p1: Value = app
+        .get("/events?page=1&size=10")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(p1["total"], 25);
     assert_eq!(p1["totalPages"], 3);
     assert_eq!(p1["page"], 1);
     assert_eq!(p1["size"], 10);
     assert_eq!(p1["hasMore"], true);
-    let p3: Value = app.get("/events?page=3&size=10").await.json().await.unwrap();
-    let ts: Vec<i64> = p3["data"].as_array().unwrap().iter().map(|e| e["ts"].as_i64().unwrap()).collect();
+    let p3: Value = app
+        .get("/events?page=3&size=10")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ts: Vec<i64> = p3["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ts"].as_i64().unwrap())
+        .collect();
     assert_eq!(ts, vec![20, 21, 22, 23, 24]);
     assert_eq!(p3["hasMore"], false);
-    let beyond: Value = app.get("/events?page=9&size=10").await.json().await.unwrap();
+    let beyond: Value = app
+        .get("/events?page=9&size=10")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(beyond["data"].as_array().unwrap().len(), 0);
     let default: Value = app.get("/events").await.json().await.unwrap();
     assert_eq!(default["size"], 100);
@@ -300,7 +409,11 @@ async fn bad_page_parameters_get_400_naming_the_parameter() {
         ("size=1.5", "size"),
         ("page=1&size=", "size"),
     ] {
-        let body = error_body(app.get(&format!("/events?{query}")).await, StatusCode::BAD_REQUEST).await;
+        let body = error_body(
+            app.get(&format!("/events?{query}")).await,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
         assert_eq!(body["field"], field, "query {query}");
     }
 }
@@ -321,9 +434,15 @@ async fn health_metrics_and_unknown_routes() {
     ] {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
-    assert_eq!(error_body(app.get("/nope").await, StatusCode::NOT_FOUND).await["error"], "not_found");
+    assert_eq!(
+        error_body(app.get("/nope").await, StatusCode::NOT_FOUND).await["error"],
+        "not_found"
+    );
     let wrong_method = app.get("/event").await;
-    assert_eq!(error_body(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await["error"], "method_not_allowed");
+    assert_eq!(
+        error_body(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await["error"],
+        "method_not_allowed"
+    );
 }
 
 /// 32 clients post 100 keyed batches each; keys 0..800 are shared, so each key is posted by
@@ -360,7 +479,11 @@ async fn concurrent_clients_with_repeated_keys_store_each_key_once() {
             replays
         }));
     }
-    let replays: usize = futures::future::join_all(tasks).await.into_iter().map(|r| r.unwrap()).sum();
+    let replays: usize = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .sum();
     assert_eq!(replays, CLIENTS * PER_CLIENT - DISTINCT_KEYS);
     let stored = app.all_events().await;
     assert_eq!(stored.len(), DISTINCT_KEYS * BATCH_LEN as usize);
@@ -384,6 +507,11 @@ async fn data_and_keys_survive_a_restart_on_the_same_file() {
     let replay = app.post_batch(Some("restart-key"), batch("b", 0, 4)).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(app.total().await, 5);
-    let next: Value = app.post_json("/event", event("a", 2).to_string()).await.json().await.unwrap();
+    let next: Value = app
+        .post_json("/event", event("a", 2).to_string())
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(next["id"], 6);
 }

@@ -19,15 +19,32 @@ pub enum BodyKind {
 
 /// Accepts JSON (and NDJSON when `ndjson_ok`); anything else is 415.
 pub fn require_json(headers: &HeaderMap, ndjson_ok: bool) -> Result<BodyKind, ApiError> {
-    let raw = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let mime = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let raw = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
         return Ok(BodyKind::Json);
     }
-    if ndjson_ok && matches!(mime.as_str(), "application/x-ndjson" | "application/ndjson" | "application/jsonl") {
+    if ndjson_ok
+        && matches!(
+            mime.as_str(),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+        )
+    {
         return Ok(BodyKind::Ndjson);
     }
-    let expected = if ndjson_ok { "application/json or application/x-ndjson" } else { "application/json" };
+    let expected = if ndjson_ok {
+        "application/json or application/x-ndjson"
+    } else {
+        "application/json"
+    };
     let mut e = ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
@@ -41,7 +58,10 @@ pub fn require_json(headers: &HeaderMap, ndjson_ok: bool) -> Result<BodyKind, Ap
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
         // to_bytes reports both "too large" and transport errors; tell them apart.
-        let too_large = err.into_inner().downcast_ref::<LengthLimitError>().is_some();
+        let too_large = err
+            .into_inner()
+            .downcast_ref::<LengthLimitError>()
+            .is_some();
         if too_large {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

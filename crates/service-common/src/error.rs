@@ -28,7 +28,14 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
-        Self { status, error, message: message.into(), field: None, index: None, retry_after: None }
+        Self {
+            status,
+            error,
+            message: message.into(),
+            field: None,
+            index: None,
+            retry_after: None,
+        }
     }
 
     pub fn bad_request(error: &'static str, message: impl Into<String>) -> Self {
@@ -37,7 +44,11 @@ impl ApiError {
 
     /// A 5xx that says little; the caller logs the cause.
     pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error, try again")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error, try again",
+        )
     }
 
     /// 503 with `Retry-After`.
@@ -63,8 +74,12 @@ impl ApiError {
 impl From<ParseError> for ApiError {
     fn from(err: ParseError) -> Self {
         match err {
-            ParseError::Json(e) => ApiError::bad_request("malformed_json", format!("malformed JSON: {e}")),
-            ParseError::NotArray => ApiError::bad_request("invalid_body", "body must be a JSON array of events"),
+            ParseError::Json(e) => {
+                ApiError::bad_request("malformed_json", format!("malformed JSON: {e}"))
+            }
+            ParseError::NotArray => {
+                ApiError::bad_request("invalid_body", "body must be a JSON array of events")
+            }
             ParseError::Invalid(e) => ApiError::invalid(&e, None),
             ParseError::Item { index, error } => {
                 let mut e = ApiError::invalid(&error, Some(index));
@@ -79,7 +94,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(&self)).into_response();
         if let Some(secs) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

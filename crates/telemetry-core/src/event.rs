@@ -49,6 +49,13 @@ impl Event {
 
     /// Parses and validates one event from JSON text.
     pub fn from_json(bytes: &[u8]) -> Result<Event, ParseError> {
+        // Fast path: straight into the typed struct. Anything it refuses goes through the
+        // slower value path, which names the field and the rule.
+        if let Ok(event) = serde_json::from_slice::<Event>(bytes) {
+            if event.validate().is_ok() {
+                return Ok(event);
+            }
+        }
         let value: Value = serde_json::from_slice(bytes).map_err(ParseError::Json)?;
         Event::from_value(&value).map_err(ParseError::Invalid)
     }
@@ -71,23 +78,44 @@ impl Event {
                     }
                     ts
                 } else if n.is_u64() {
-                    return Err(ValidationError::new("ts", "must fit in a signed 64-bit integer"));
+                    return Err(ValidationError::new(
+                        "ts",
+                        "must fit in a signed 64-bit integer",
+                    ));
                 } else {
-                    return Err(ValidationError::new("ts", "must be an integer (epoch milliseconds)"));
+                    return Err(ValidationError::new(
+                        "ts",
+                        "must be an integer (epoch milliseconds)",
+                    ));
                 }
             }
-            _ => return Err(ValidationError::new("ts", "must be a number (epoch milliseconds)")),
+            _ => {
+                return Err(ValidationError::new(
+                    "ts",
+                    "must be a number (epoch milliseconds)",
+                ))
+            }
         };
         let latitude = number(object, "latitude")?;
         check_coordinate("latitude", latitude, 90.0)?;
         let longitude = number(object, "longitude")?;
         check_coordinate("longitude", longitude, 180.0)?;
-        Ok(Event { device_id, ts, latitude, longitude })
+        Ok(Event {
+            device_id,
+            ts,
+            latitude,
+            longitude,
+        })
     }
 }
 
 /// Parses a JSON array of events. Returns the first problem, with the item's index.
 pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Event>, ParseError> {
+    if let Ok(events) = serde_json::from_slice::<Vec<Event>>(bytes) {
+        if events.iter().all(|e| e.validate().is_ok()) {
+            return Ok(events);
+        }
+    }
     let value: Value = serde_json::from_slice(bytes).map_err(ParseError::Json)?;
     let items = match value {
         Value::Array(items) => items,
@@ -102,7 +130,10 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Event>, ParseError> {
         .collect()
 }
 
-fn required<'a>(object: &'a Map<String, Value>, field: &'static str) -> Result<&'a Value, ValidationError> {
+fn required<'a>(
+    object: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a Value, ValidationError> {
     match object.get(field) {
         None | Some(Value::Null) => Err(ValidationError::new(field, "is required")),
         Some(v) => Ok(v),
@@ -121,10 +152,16 @@ fn number(object: &Map<String, Value>, field: &'static str) -> Result<f64, Valid
 fn check_device_id(device_id: &str) -> Result<(), ValidationError> {
     let chars = device_id.chars().count();
     if chars == 0 || chars > MAX_DEVICE_ID_CHARS {
-        return Err(ValidationError::new("deviceId", "must be 1 to 128 characters"));
+        return Err(ValidationError::new(
+            "deviceId",
+            "must be 1 to 128 characters",
+        ));
     }
     if device_id.chars().any(char::is_control) {
-        return Err(ValidationError::new("deviceId", "must not contain control characters"));
+        return Err(ValidationError::new(
+            "deviceId",
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -134,7 +171,11 @@ fn check_coordinate(field: &'static str, value: f64, bound: f64) -> Result<(), V
         return Err(ValidationError::new(field, "must be a finite number"));
     }
     if !(-bound..=bound).contains(&value) {
-        let rule = if bound == 90.0 { "must be within [-90, 90]" } else { "must be within [-180, 180]" };
+        let rule = if bound == 90.0 {
+            "must be within [-90, 90]"
+        } else {
+            "must be within [-180, 180]"
+        };
         return Err(ValidationError::new(field, rule));
     }
     Ok(())
@@ -193,7 +234,10 @@ mod tests {
         let e = Event::from_value(&v).unwrap();
         assert_eq!(e.device_id, "d-1");
         let back = serde_json::to_value(&e).unwrap();
-        assert_eq!(back, json!({"deviceId": "d-1", "ts": 1700000000000i64, "latitude": 37.7, "longitude": -122.4}));
+        assert_eq!(
+            back,
+            json!({"deviceId": "d-1", "ts": 1700000000000i64, "latitude": 37.7, "longitude": -122.4})
+        );
     }
 
     #[test]
@@ -206,7 +250,10 @@ mod tests {
         };
         assert_eq!(field_of(json!([1])), "$");
         assert_eq!(field_of(with("deviceId", json!(""))), "deviceId");
-        assert_eq!(field_of(with("deviceId", json!("a".repeat(129)))), "deviceId");
+        assert_eq!(
+            field_of(with("deviceId", json!("a".repeat(129)))),
+            "deviceId"
+        );
         assert_eq!(field_of(with("deviceId", json!("a\nb"))), "deviceId");
         assert_eq!(field_of(with("deviceId", json!(5))), "deviceId");
         assert_eq!(field_of(with("ts", json!(-1))), "ts");
@@ -229,8 +276,14 @@ mod tests {
 
     #[test]
     fn non_finite_numbers_are_malformed_json() {
-        assert!(matches!(Event::from_json(br#"{"deviceId":"d","ts":1,"latitude":NaN,"longitude":0}"#), Err(ParseError::Json(_))));
-        assert!(matches!(Event::from_json(br#"{"deviceId":"d","ts":1,"latitude":1e400,"longitude":0}"#), Err(ParseError::Json(_))));
+        assert!(matches!(
+            Event::from_json(br#"{"deviceId":"d","ts":1,"latitude":NaN,"longitude":0}"#),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            Event::from_json(br#"{"deviceId":"d","ts":1,"latitude":1e400,"longitude":0}"#),
+            Err(ParseError::Json(_))
+        ));
     }
 
     #[test]
@@ -244,5 +297,26 @@ mod tests {
             other => panic!("expected item error, got {other:?}"),
         }
         assert!(matches!(parse_batch(b"{}"), Err(ParseError::NotArray)));
+    }
+
+    #[test]
+    fn typed_fast_path_and_value_path_agree() {
+        let cases: &[&[u8]] = &[
+            br#"{"deviceId":"d","ts":1,"latitude":1.5,"longitude":2,"x":[1]}"#,
+            br#"{"deviceId":"d","ts":-1,"latitude":0,"longitude":0}"#,
+            br#"{"deviceId":"d","ts":1.0,"latitude":0,"longitude":0}"#,
+            br#"{"deviceId":"d","ts":1,"latitude":null,"longitude":0}"#,
+            br#"{"deviceId":"","ts":1,"latitude":0,"longitude":0}"#,
+            br#"{"deviceId":"d","ts":9223372036854775808,"latitude":0,"longitude":0}"#,
+        ];
+        for case in cases {
+            let value: Value = serde_json::from_slice(case).unwrap();
+            let slow = Event::from_value(&value).map_err(|e| e.field);
+            let fast = Event::from_json(case).map_err(|e| match e {
+                ParseError::Invalid(v) => v.field,
+                other => panic!("unexpected {other:?}"),
+            });
+            assert_eq!(fast, slow, "case {}", String::from_utf8_lossy(case));
+        }
     }
 }
