@@ -3,6 +3,8 @@
 
 pub mod body;
 pub mod error;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod observe;
 
 pub use body::{read_body, require_json, BodyKind};

@@ -1,0 +1,72 @@
+//! Settings for ingest-proxy: every environment variable, its default and meaning, in one place.
+
+use clap::Parser;
+
+/// ingest-proxy: accepts telemetry events over HTTP and publishes them to a Kafka topic.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ingest-proxy", version, about)]
+pub struct Settings {
+    /// TCP port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+    /// Address to bind.
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
+    pub bind_addr: String,
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "redpanda:9092")]
+    pub kafka_brokers: String,
+    /// Topic events are published to.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "telemetry-events")]
+    pub kafka_topic: String,
+    /// Partitions of the topic when the proxy creates it.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub topic_partitions: i32,
+    /// Replication factor of the topic when the proxy creates it.
+    #[arg(long, env = "TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+    /// Most events waiting for a broker acknowledgement at once; past it, 503.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
+    pub max_in_flight: usize,
+    /// Longest wait for the broker to acknowledge an event, in milliseconds; past it, 503.
+    #[arg(long, env = "PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub produce_timeout_ms: u64,
+    /// Producer linger (`linger.ms`): how long the producer waits to fill a batch.
+    #[arg(long, env = "PRODUCER_LINGER_MS", default_value_t = 5)]
+    pub producer_linger_ms: u64,
+    /// Producer batch size in messages (`batch.num.messages`).
+    #[arg(long, env = "PRODUCER_BATCH_MESSAGES", default_value_t = 10_000)]
+    pub producer_batch_messages: u32,
+    /// `Retry-After` seconds sent with a 503.
+    #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Largest accepted request body in bytes (larger answers 413).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most events in one `POST /events/batch` (more answers 413).
+    #[arg(long, env = "MAX_BATCH_LEN", default_value_t = 10_000)]
+    pub max_batch_len: usize,
+    /// Longest a request may take, body included, in milliseconds (then 408).
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
+    pub request_timeout_ms: u64,
+    /// How often `/readyz` re-checks the broker, in milliseconds.
+    #[arg(long, env = "READY_CHECK_INTERVAL_MS", default_value_t = 1_000)]
+    pub ready_check_interval_ms: u64,
+}
+
+impl Settings {
+    /// Reads the environment only; a bad value exits with one line naming the variable.
+    pub fn from_env() -> Self {
+        Settings::parse_from(std::iter::once("ingest-proxy"))
+    }
+
+    /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests.
+    pub fn for_tests(brokers: &str, topic: &str) -> Self {
+        let mut s = Settings::parse_from(["ingest-proxy"]);
+        s.kafka_brokers = brokers.to_owned();
+        s.kafka_topic = topic.to_owned();
+        s.port = 0;
+        s.bind_addr = "127.0.0.1".into();
+        s.topic_partitions = 3;
+        s
+    }
+}

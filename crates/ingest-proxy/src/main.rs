@@ -1,0 +1,10 @@
+use anyhow::Context;
+use ingest_proxy::{Application, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    service_common::init_tracing();
+    let settings = Settings::from_env();
+    let app = Application::build(settings).await.context("starting ingest-proxy")?;
+    app.run_until_stopped(service_common::shutdown_signal()).await.context("running ingest-proxy")
+}

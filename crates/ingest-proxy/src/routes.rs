@@ -1,0 +1,193 @@
+//! HTTP routes of ingest-proxy. `POST /event` keeps ingest-api's contract (so a client only
+//! changes its URL) but answers 202 once the broker has the event; `POST /events/batch` takes a
+//! JSON array or NDJSON and answers a result per item.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use serde_json::{json, Value};
+use service_common::{read_body, require_json, ApiError, BodyKind};
+use telemetry_core::{Event, ParseError};
+
+use crate::publisher::{Ack, PublishError, Publisher};
+use crate::Settings;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub publisher: Arc<Publisher>,
+    pub settings: Arc<Settings>,
+    /// Set by the readiness checker: the broker answers and the topic exists.
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/event", post(post_event))
+        .route("/events/batch", post(post_batch))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(|req, next| service_common::track_requests("ingest_proxy", req, next)))
+        .with_state(state)
+}
+
+fn unavailable(err: &PublishError, settings: &Settings) -> ApiError {
+    ApiError::unavailable(err.to_string(), settings.retry_after_secs)
+}
+
+async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    require_json(&headers, false)?;
+    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events("invalid", 1))?;
+    let result = state.publisher.publish(std::slice::from_ref(&event)).await.remove(0);
+    match result {
+        Ok(ack) => {
+            crate::metrics::events("accepted", 1);
+            Ok((StatusCode::ACCEPTED, Json(accepted_json(&ack))).into_response())
+        }
+        Err(e) => {
+            crate::metrics::events("rejected", 1);
+            Err(unavailable(&e, &state.settings))
+        }
+    }
+}
+
+fn accepted_json(ack: &Ack) -> Value {
+    json!({"status": "accepted", "partition": ack.partition, "offset": ack.offset})
+}
+
+/// Splits a batch body into per-item parse results.
+fn parse_items(bytes: &[u8], kind: BodyKind) -> Result<Vec<Result<Event, ApiError>>, ApiError> {
+    match kind {
+        BodyKind::Json => {
+            if let Ok(events) = serde_json::from_slice::<Vec<Event>>(bytes) {
+                if events.iter().all(|e| e.validate().is_ok()) {
+                    return Ok(events.into_iter().map(Ok).collect());
+                }
+            }
+            let items: Vec<Value> = match serde_json::from_slice(bytes) {
+                Ok(Value::Array(items)) => items,
+                Ok(_) => return Err(ParseError::NotArray.into()),
+                Err(e) => return Err(ParseError::Json(e).into()),
+            };
+            Ok(items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| Event::from_value(item).map_err(|e| ApiError::invalid(&e, Some(index))))
+                .collect())
+        }
+        BodyKind::Ndjson => Ok(bytes
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .enumerate()
+            .map(|(index, line)| {
+                Event::from_json(line).map_err(|e| {
+                    let mut err = ApiError::from(e);
+                    err.index = Some(index);
+                    err
+                })
+            })
+            .collect()),
+    }
+}
+
+async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let kind = require_json(&headers, true)?;
+    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let items = parse_items(&bytes, kind)?;
+    if items.len() > state.settings.max_batch_len {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("batch has {} events, the limit is {}", items.len(), state.settings.max_batch_len),
+        ));
+    }
+    if items.is_empty() {
+        return Err(ApiError::bad_request("empty_batch", "batch has no events"));
+    }
+    let valid: Vec<Event> = items.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let mut outcomes = state.publisher.publish(&valid).await.into_iter();
+
+    let (mut accepted, mut invalid, mut rejected) = (0usize, 0usize, 0usize);
+    let mut last_error: Option<PublishError> = None;
+    let results: Vec<Value> = items
+        .iter()
+        .map(|item| match item {
+            Err(e) => {
+                invalid += 1;
+                let mut v = e.to_json();
+                v["status"] = json!("invalid");
+                v
+            }
+            Ok(_) => match outcomes.next().expect("one outcome per valid event") {
+                Ok(ack) => {
+                    accepted += 1;
+                    accepted_json(&ack)
+                }
+                Err(e) => {
+                    rejected += 1;
+                    let v = json!({"status": "unavailable", "message": e.to_string()});
+                    last_error = Some(e);
+                    v
+                }
+            },
+        })
+        .collect();
+    crate::metrics::events("accepted", accepted);
+    crate::metrics::events("invalid", invalid);
+    crate::metrics::events("rejected", rejected);
+
+    let status = if accepted == items.len() {
+        StatusCode::ACCEPTED
+    } else if accepted == 0 && rejected > 0 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if accepted == 0 {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::MULTI_STATUS
+    };
+    let body = json!({"accepted": accepted, "invalid": invalid, "unavailable": rejected, "results": results});
+    let mut response = (status, Json(body)).into_response();
+    if last_error.is_some() {
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, state.settings.retry_after_secs.into());
+    }
+    Ok(response)
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::unavailable("broker is unreachable or the topic is missing", state.settings.retry_after_secs)
+            .into_response()
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        service_common::metrics_handle().render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

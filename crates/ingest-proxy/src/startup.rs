@@ -1,0 +1,84 @@
+//! Building and running the ingest-proxy application.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::publisher::Publisher;
+use crate::routes::{router, AppState};
+use crate::Settings;
+
+/// A bound, ready-to-run ingest-proxy.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Creates the producer and binds the port (port 0 picks a free one). The topic is created
+    /// and the broker watched in the background, so the proxy starts even before the broker.
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let publisher = Arc::new(Publisher::new(&settings)?);
+        let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
+        let _ = service_common::metrics_handle();
+        let ready = Arc::new(AtomicBool::new(false));
+        let settings = Arc::new(settings);
+        tokio::spawn(watch_broker(Arc::clone(&publisher), Arc::clone(&settings), Arc::clone(&ready)));
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            brokers = %settings.kafka_brokers,
+            topic = %settings.kafka_topic,
+            "ingest-proxy listening"
+        );
+        Ok(Application { listener, state: AppState { publisher, settings, ready } })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves; in-flight requests finish (their events acknowledged or
+    /// answered 503), then the producer is flushed.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let timeout = Duration::from_millis(self.state.settings.request_timeout_ms);
+        let publisher = Arc::clone(&self.state.publisher);
+        let flush_for = Duration::from_millis(self.state.settings.produce_timeout_ms);
+        let app = router(self.state).layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        tokio::task::spawn_blocking(move || publisher.flush(flush_for)).await.ok();
+        tracing::info!("ingest-proxy stopped");
+        Ok(())
+    }
+}
+
+/// Creates the topic once the broker answers, then keeps `ready` up to date.
+async fn watch_broker(publisher: Arc<Publisher>, settings: Arc<Settings>, ready: Arc<AtomicBool>) {
+    service_common::kafka::ensure_topic_with_retry(
+        &settings.kafka_brokers,
+        &settings.kafka_topic,
+        settings.topic_partitions,
+        settings.topic_replication,
+    )
+    .await;
+    let interval = Duration::from_millis(settings.ready_check_interval_ms);
+    loop {
+        let p = Arc::clone(&publisher);
+        let check_timeout = interval.max(Duration::from_millis(500));
+        let up = tokio::task::spawn_blocking(move || p.broker_reachable(check_timeout)).await.unwrap_or(false);
+        if ready.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("broker reachable, ready");
+            } else {
+                tracing::warn!("broker unreachable, not ready");
+            }
+        }
+        crate::metrics::broker_up(up);
+        tokio::time::sleep(interval).await;
+    }
+}
