@@ -5,6 +5,10 @@ use ingest_proxy::{Application, Settings};
 async fn main() -> anyhow::Result<()> {
     service_common::init_tracing();
     let settings = Settings::from_env();
-    let app = Application::build(settings).await.context("starting ingest-proxy")?;
-    app.run_until_stopped(service_common::shutdown_signal()).await.context("running ingest-proxy")
+    let app = Application::build(settings)
+        .await
+        .context("starting ingest-proxy")?;
+    app.run_until_stopped(service_common::shutdown_signal())
+        .await
+        .context("running ingest-proxy")
 }

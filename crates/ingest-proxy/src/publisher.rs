@@ -42,7 +42,10 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("topic", &self.topic).field("max_in_flight", &self.max_in_flight).finish()
+        f.debug_struct("Publisher")
+            .field("topic", &self.topic)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
     }
 }
 
@@ -55,12 +58,27 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
         // Same partition for a key as Java clients and Redpanda tools.
         .set("partitioner", "murmur2_random")
         .set("linger.ms", settings.producer_linger_ms.to_string())
-        .set("batch.num.messages", settings.producer_batch_messages.to_string())
-        .set("queue.buffering.max.messages", (settings.max_in_flight * 2).max(1000).to_string())
+        .set(
+            "batch.num.messages",
+            settings.producer_batch_messages.to_string(),
+        )
+        .set(
+            "queue.buffering.max.messages",
+            (settings.max_in_flight * 2).max(1000).to_string(),
+        )
         // A message the broker has not acknowledged by the deadline fails instead of waiting on.
-        .set("message.timeout.ms", settings.produce_timeout_ms.to_string())
-        .set("request.timeout.ms", settings.produce_timeout_ms.clamp(1, 30_000).to_string())
-        .set("socket.connection.setup.timeout.ms", settings.produce_timeout_ms.clamp(1000, 30_000).to_string())
+        .set(
+            "message.timeout.ms",
+            settings.produce_timeout_ms.to_string(),
+        )
+        .set(
+            "request.timeout.ms",
+            settings.produce_timeout_ms.clamp(1, 30_000).to_string(),
+        )
+        .set(
+            "socket.connection.setup.timeout.ms",
+            settings.produce_timeout_ms.clamp(1000, 30_000).to_string(),
+        )
         .set("reconnect.backoff.max.ms", "1000");
     c
 }
@@ -93,7 +111,8 @@ impl Publisher {
         if events.is_empty() {
             return Vec::new();
         }
-        let Ok(permit) = Arc::clone(&self.permits).try_acquire_many_owned(events.len() as u32) else {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_many_owned(events.len() as u32)
+        else {
             return vec![Err(PublishError::Busy); events.len()];
         };
         crate::metrics::in_flight(self.in_flight());
@@ -106,7 +125,9 @@ impl Publisher {
                 continue;
             }
             let payload = serde_json::to_vec(event).expect("an event always serializes");
-            let record = FutureRecord::to(&self.topic).key(event.device_id.as_bytes()).payload(&payload);
+            let record = FutureRecord::to(&self.topic)
+                .key(event.device_id.as_bytes())
+                .payload(&payload);
             match self.producer.send_result(record) {
                 Ok(delivery) => pending.push(Some(delivery)),
                 Err((err, _)) => {
@@ -123,16 +144,25 @@ impl Publisher {
             match p {
                 None => Err(PublishError::Busy),
                 Some(delivery) => match delivery.await {
-                    Ok(Ok(d)) => Ok(Ack { partition: d.partition, offset: d.offset }),
-                    Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
-                        Err(PublishError::Timeout)
-                    }
+                    Ok(Ok(d)) => Ok(Ack {
+                        partition: d.partition,
+                        offset: d.offset,
+                    }),
+                    Ok(Err((
+                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+                        _,
+                    ))) => Err(PublishError::Timeout),
                     Ok(Err((err, _))) => Err(PublishError::Broker(err.to_string())),
                     Err(_canceled) => Err(PublishError::Broker("producer shut down".into())),
                 },
             }
         });
-        let results = match tokio::time::timeout(self.deadline + Duration::from_secs(1), futures::future::join_all(waits)).await {
+        let results = match tokio::time::timeout(
+            self.deadline + Duration::from_secs(1),
+            futures::future::join_all(waits),
+        )
+        .await
+        {
             Ok(results) => results,
             Err(_) => vec![Err(PublishError::Timeout); events.len()],
         };
@@ -145,8 +175,14 @@ impl Publisher {
     /// True when the broker answers a metadata request for the topic within `timeout`.
     /// Blocking: call from a blocking thread.
     pub fn broker_reachable(&self, timeout: Duration) -> bool {
-        match self.producer.client().fetch_metadata(Some(&self.topic), Timeout::After(timeout)) {
-            Ok(md) => md.topics().iter().any(|t| t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()),
+        match self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), Timeout::After(timeout))
+        {
+            Ok(md) => md.topics().iter().any(|t| {
+                t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()
+            }),
             Err(_) => false,
         }
     }

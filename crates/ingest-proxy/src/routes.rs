@@ -36,7 +36,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(|req, next| service_common::track_requests("ingest_proxy", req, next)))
+        .layer(middleware::from_fn(|req, next| {
+            service_common::track_requests("ingest_proxy", req, next)
+        }))
         .with_state(state)
 }
 
@@ -44,11 +46,19 @@ fn unavailable(err: &PublishError, settings: &Settings) -> ApiError {
     ApiError::unavailable(err.to_string(), settings.retry_after_secs)
 }
 
-async fn post_event(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn post_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
     let bytes = read_body(body, state.settings.max_body_bytes).await?;
     let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events("invalid", 1))?;
-    let result = state.publisher.publish(std::slice::from_ref(&event)).await.remove(0);
+    let result = state
+        .publisher
+        .publish(std::slice::from_ref(&event))
+        .await
+        .remove(0);
     match result {
         Ok(ack) => {
             crate::metrics::events("accepted", 1);
@@ -82,7 +92,9 @@ fn parse_items(bytes: &[u8], kind: BodyKind) -> Result<Vec<Result<Event, ApiErro
             Ok(items
                 .iter()
                 .enumerate()
-                .map(|(index, item)| Event::from_value(item).map_err(|e| ApiError::invalid(&e, Some(index))))
+                .map(|(index, item)| {
+                    Event::from_value(item).map_err(|e| ApiError::invalid(&e, Some(index)))
+                })
                 .collect())
         }
         BodyKind::Ndjson => Ok(bytes
@@ -100,7 +112,11 @@ fn parse_items(bytes: &[u8], kind: BodyKind) -> Result<Vec<Result<Event, ApiErro
     }
 }
 
-async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn post_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let kind = require_json(&headers, true)?;
     let bytes = read_body(body, state.settings.max_body_bytes).await?;
     let items = parse_items(&bytes, kind)?;
@@ -108,13 +124,20 @@ async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Bod
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
-            format!("batch has {} events, the limit is {}", items.len(), state.settings.max_batch_len),
+            format!(
+                "batch has {} events, the limit is {}",
+                items.len(),
+                state.settings.max_batch_len
+            ),
         ));
     }
     if items.is_empty() {
         return Err(ApiError::bad_request("empty_batch", "batch has no events"));
     }
-    let valid: Vec<Event> = items.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let valid: Vec<Event> = items
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
     let mut outcomes = state.publisher.publish(&valid).await.into_iter();
 
     let (mut accepted, mut invalid, mut rejected) = (0usize, 0usize, 0usize);
@@ -158,7 +181,10 @@ async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Bod
     let body = json!({"accepted": accepted, "invalid": invalid, "unavailable": rejected, "results": results});
     let mut response = (status, Json(body)).into_response();
     if last_error.is_some() {
-        response.headers_mut().insert(axum::http::header::RETRY_AFTER, state.settings.retry_after_secs.into());
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            state.settings.retry_after_secs.into(),
+        );
     }
     Ok(response)
 }
@@ -171,14 +197,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.ready.load(Ordering::Relaxed) {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        ApiError::unavailable("broker is unreachable or the topic is missing", state.settings.retry_after_secs)
-            .into_response()
+        ApiError::unavailable(
+            "broker is unreachable or the topic is missing",
+            state.settings.retry_after_secs,
+        )
+        .into_response()
     }
 }
 
 async fn metrics() -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         service_common::metrics_handle().render(),
     )
         .into_response()
@@ -189,5 +221,9 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }

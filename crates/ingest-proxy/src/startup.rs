@@ -29,14 +29,25 @@ impl Application {
         let _ = service_common::metrics_handle();
         let ready = Arc::new(AtomicBool::new(false));
         let settings = Arc::new(settings);
-        tokio::spawn(watch_broker(Arc::clone(&publisher), Arc::clone(&settings), Arc::clone(&ready)));
+        tokio::spawn(watch_broker(
+            Arc::clone(&publisher),
+            Arc::clone(&settings),
+            Arc::clone(&ready),
+        ));
         tracing::info!(
             addr = %listener.local_addr()?,
             brokers = %settings.kafka_brokers,
             topic = %settings.kafka_topic,
             "ingest-proxy listening"
         );
-        Ok(Application { listener, state: AppState { publisher, settings, ready } })
+        Ok(Application {
+            listener,
+            state: AppState {
+                publisher,
+                settings,
+                ready,
+            },
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -45,13 +56,23 @@ impl Application {
 
     /// Serves until `shutdown` resolves; in-flight requests finish (their events acknowledged or
     /// answered 503), then the producer is flushed.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let timeout = Duration::from_millis(self.state.settings.request_timeout_ms);
         let publisher = Arc::clone(&self.state.publisher);
         let flush_for = Duration::from_millis(self.state.settings.produce_timeout_ms);
-        let app = router(self.state).layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout));
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
-        tokio::task::spawn_blocking(move || publisher.flush(flush_for)).await.ok();
+        let app = router(self.state).layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ));
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        tokio::task::spawn_blocking(move || publisher.flush(flush_for))
+            .await
+            .ok();
         tracing::info!("ingest-proxy stopped");
         Ok(())
     }
@@ -70,7 +91,9 @@ async fn watch_broker(publisher: Arc<Publisher>, settings: Arc<Settings>, ready:
     loop {
         let p = Arc::clone(&publisher);
         let check_timeout = interval.max(Duration::from_millis(500));
-        let up = tokio::task::spawn_blocking(move || p.broker_reachable(check_timeout)).await.unwrap_or(false);
+        let up = tokio::task::spawn_blocking(move || p.broker_reachable(check_timeout))
+            .await
+            .unwrap_or(false);
         if ready.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("broker reachable, ready");

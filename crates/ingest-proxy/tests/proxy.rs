@@ -7,7 +7,9 @@ use ingest_proxy::{Application, Settings};
 use rdkafka::Message;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use test_support::{brokers, consume, consume_until_quiet, key_str, payload_json, unique, PrivateBroker};
+use test_support::{
+    brokers, consume, consume_until_quiet, key_str, payload_json, unique, PrivateBroker,
+};
 
 struct TestProxy {
     base: String,
@@ -16,7 +18,12 @@ struct TestProxy {
 }
 
 impl TestProxy {
-    async fn post(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         self.client
             .post(format!("{}{path}", self.base))
             .header("content-type", content_type)
@@ -27,17 +34,26 @@ impl TestProxy {
     }
 
     async fn post_event(&self, event: &Value) -> reqwest::Response {
-        self.post("/event", "application/json", event.to_string()).await
+        self.post("/event", "application/json", event.to_string())
+            .await
     }
 
     async fn ready_status(&self) -> StatusCode {
-        self.client.get(format!("{}/readyz", self.base)).send().await.unwrap().status()
+        self.client
+            .get(format!("{}/readyz", self.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
     }
 
     async fn wait_ready(&self, want: StatusCode, within: Duration) {
         let start = Instant::now();
         while self.ready_status().await != want {
-            assert!(start.elapsed() < within, "/readyz did not turn {want} within {within:?}");
+            assert!(
+                start.elapsed() < within,
+                "/readyz did not turn {want} within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -51,8 +67,14 @@ async fn spawn_proxy_with(brokers: &str, tweak: impl FnOnce(&mut Settings)) -> T
     let app = Application::build(settings).await.expect("proxy builds");
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(std::future::pending()));
-    let proxy = TestProxy { base, topic, client: reqwest::Client::new() };
-    proxy.wait_ready(StatusCode::OK, Duration::from_secs(30)).await;
+    let proxy = TestProxy {
+        base,
+        topic,
+        client: reqwest::Client::new(),
+    };
+    proxy
+        .wait_ready(StatusCode::OK, Duration::from_secs(30))
+        .await;
     proxy
 }
 
@@ -75,7 +97,10 @@ async fn accepted_event_is_in_the_topic_keyed_by_device() {
     assert_eq!(msgs.len(), 1);
     assert_eq!(key_str(&msgs[0]), "dev-42");
     assert_eq!(payload_json(&msgs[0]), event("dev-42", 1_700_000_000_123));
-    assert_eq!(msgs[0].partition() as i64, body["partition"].as_i64().unwrap());
+    assert_eq!(
+        msgs[0].partition() as i64,
+        body["partition"].as_i64().unwrap()
+    );
     assert_eq!(msgs[0].offset(), body["offset"].as_i64().unwrap());
 }
 
@@ -85,14 +110,21 @@ async fn one_device_lands_in_one_partition_in_send_order() {
     let devices = ["alpha", "bravo", "charlie", "delta"];
     for i in 0..40 {
         for d in devices {
-            assert_eq!(proxy.post_event(&event(d, 1000 + i)).await.status(), StatusCode::ACCEPTED);
+            assert_eq!(
+                proxy.post_event(&event(d, 1000 + i)).await.status(),
+                StatusCode::ACCEPTED
+            );
         }
     }
     let msgs = consume(&brokers(), &proxy.topic, 160, Duration::from_secs(20));
     assert_eq!(msgs.len(), 160);
     let mut by_device: HashMap<String, Vec<(i32, i64, i64)>> = HashMap::new();
     for m in &msgs {
-        by_device.entry(key_str(m)).or_default().push((m.partition(), m.offset(), payload_json(m)["ts"].as_i64().unwrap()));
+        by_device.entry(key_str(m)).or_default().push((
+            m.partition(),
+            m.offset(),
+            payload_json(m)["ts"].as_i64().unwrap(),
+        ));
     }
     let mut partitions_used = HashSet::new();
     for (device, mut rows) in by_device {
@@ -101,18 +133,37 @@ async fn one_device_lands_in_one_partition_in_send_order() {
         partitions_used.extend(partitions);
         rows.sort_by_key(|r| r.1);
         let ts: Vec<i64> = rows.iter().map(|r| r.2).collect();
-        assert_eq!(ts, (1000..1040).collect::<Vec<_>>(), "{device} out of send order");
+        assert_eq!(
+            ts,
+            (1000..1040).collect::<Vec<_>>(),
+            "{device} out of send order"
+        );
     }
-    assert!(partitions_used.len() > 1, "keys should spread over partitions");
+    assert!(
+        partitions_used.len() > 1,
+        "keys should spread over partitions"
+    );
 }
 
 #[tokio::test]
 async fn invalid_input_gets_400_and_nothing_is_produced() {
     let proxy = spawn_proxy().await;
     let bad = [
-        ("application/json", "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":91,\"longitude\":0}".to_owned(), "latitude"),
-        ("application/json", "{\"deviceId\":\"d\",\"ts\":-5,\"latitude\":0,\"longitude\":0}".to_owned(), "ts"),
-        ("application/json", "{\"ts\":1,\"latitude\":0,\"longitude\":0}".to_owned(), "deviceId"),
+        (
+            "application/json",
+            "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":91,\"longitude\":0}".to_owned(),
+            "latitude",
+        ),
+        (
+            "application/json",
+            "{\"deviceId\":\"d\",\"ts\":-5,\"latitude\":0,\"longitude\":0}".to_owned(),
+            "ts",
+        ),
+        (
+            "application/json",
+            "{\"ts\":1,\"latitude\":0,\"longitude\":0}".to_owned(),
+            "deviceId",
+        ),
     ];
     for (ct, body, field) in bad {
         let resp = proxy.post("/event", ct, body).await;
@@ -122,13 +173,24 @@ async fn invalid_input_gets_400_and_nothing_is_produced() {
     }
     let malformed = proxy.post("/event", "application/json", "{nope").await;
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(malformed.json::<Value>().await.unwrap()["error"], "malformed_json");
-    let wrong_type = proxy.post("/event", "text/plain", event("d", 1).to_string()).await;
+    assert_eq!(
+        malformed.json::<Value>().await.unwrap()["error"],
+        "malformed_json"
+    );
+    let wrong_type = proxy
+        .post("/event", "text/plain", event("d", 1).to_string())
+        .await;
     assert_eq!(wrong_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let all_bad = proxy.post("/events/batch", "application/json", "[{\"deviceId\":\"\"}]").await;
+    let all_bad = proxy
+        .post("/events/batch", "application/json", "[{\"deviceId\":\"\"}]")
+        .await;
     assert_eq!(all_bad.status(), StatusCode::BAD_REQUEST);
     let msgs = consume_until_quiet(&brokers(), &proxy.topic, Duration::from_secs(2));
-    assert!(msgs.is_empty(), "invalid input reached the topic: {} messages", msgs.len());
+    assert!(
+        msgs.is_empty(),
+        "invalid input reached the topic: {} messages",
+        msgs.len()
+    );
 }
 
 #[tokio::test]
@@ -136,7 +198,13 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
     let proxy = spawn_proxy().await;
     let mut items: Vec<Value> = (0..5).map(|i| event("batch-dev", i)).collect();
     items[3]["longitude"] = json!("west");
-    let resp = proxy.post("/events/batch", "application/json", Value::Array(items).to_string()).await;
+    let resp = proxy
+        .post(
+            "/events/batch",
+            "application/json",
+            Value::Array(items).to_string(),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::MULTI_STATUS);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["accepted"], 4);
@@ -146,17 +214,28 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
     assert_eq!(results[3]["status"], "invalid");
     assert_eq!(results[3]["field"], "longitude");
     assert_eq!(results[3]["index"], 3);
-    assert!(results.iter().enumerate().all(|(i, r)| i == 3 || r["status"] == "accepted"));
+    assert!(results
+        .iter()
+        .enumerate()
+        .all(|(i, r)| i == 3 || r["status"] == "accepted"));
 
     let ndjson = format!("{}\n{}\n\n", event("nd-dev", 1), event("nd-dev", 2));
-    let resp = proxy.post("/events/batch", "application/x-ndjson", ndjson).await;
+    let resp = proxy
+        .post("/events/batch", "application/x-ndjson", ndjson)
+        .await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     assert_eq!(resp.json::<Value>().await.unwrap()["accepted"], 2);
 
     let msgs = consume(&brokers(), &proxy.topic, 6, Duration::from_secs(20));
-    let mut got: Vec<(String, i64)> = msgs.iter().map(|m| (key_str(m), payload_json(m)["ts"].as_i64().unwrap())).collect();
+    let mut got: Vec<(String, i64)> = msgs
+        .iter()
+        .map(|m| (key_str(m), payload_json(m)["ts"].as_i64().unwrap()))
+        .collect();
     got.sort();
-    let mut want: Vec<(String, i64)> = [0, 1, 2, 4].iter().map(|t| ("batch-dev".to_owned(), *t)).collect();
+    let mut want: Vec<(String, i64)> = [0, 1, 2, 4]
+        .iter()
+        .map(|t| ("batch-dev".to_owned(), *t))
+        .collect();
     want.extend([("nd-dev".to_owned(), 1), ("nd-dev".to_owned(), 2)]);
     want.sort();
     assert_eq!(got, want);
@@ -166,31 +245,53 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
 async fn full_in_flight_bound_answers_503_with_retry_after() {
     let proxy = spawn_proxy_with(&brokers(), |s| s.max_in_flight = 3).await;
     let items: Vec<Value> = (0..4).map(|i| event("big", i)).collect();
-    let resp = proxy.post("/events/batch", "application/json", Value::Array(items).to_string()).await;
+    let resp = proxy
+        .post(
+            "/events/batch",
+            "application/json",
+            Value::Array(items).to_string(),
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["unavailable"], 4);
-    assert_eq!(proxy.post_event(&event("small", 1)).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        proxy.post_event(&event("small", 1)).await.status(),
+        StatusCode::ACCEPTED
+    );
 }
 
 #[tokio::test]
 async fn broker_outage_gives_503_within_the_deadline_and_recovers() {
     let broker = PrivateBroker::start();
     let proxy = spawn_proxy_with(&broker.address(), |s| s.produce_timeout_ms = 2000).await;
-    assert_eq!(proxy.post_event(&event("d", 1)).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        proxy.post_event(&event("d", 1)).await.status(),
+        StatusCode::ACCEPTED
+    );
 
     broker.stop();
     let start = Instant::now();
     let resp = proxy.post_event(&event("d", 2)).await;
     let waited = start.elapsed();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(resp.headers().contains_key("retry-after"), "503 carries Retry-After");
-    assert!(waited < Duration::from_millis(2000 + 1500), "answered after {waited:?}, deadline 2 s");
-    proxy.wait_ready(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15)).await;
+    assert!(
+        resp.headers().contains_key("retry-after"),
+        "503 carries Retry-After"
+    );
+    assert!(
+        waited < Duration::from_millis(2000 + 1500),
+        "answered after {waited:?}, deadline 2 s"
+    );
+    proxy
+        .wait_ready(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(15))
+        .await;
 
     broker.resume();
-    proxy.wait_ready(StatusCode::OK, Duration::from_secs(30)).await;
+    proxy
+        .wait_ready(StatusCode::OK, Duration::from_secs(30))
+        .await;
     let start = Instant::now();
     loop {
         let status = proxy.post_event(&event("d", 3)).await.status();
@@ -198,12 +299,21 @@ async fn broker_outage_gives_503_within_the_deadline_and_recovers() {
             break;
         }
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(start.elapsed() < Duration::from_secs(30), "proxy did not recover after the broker came back");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "proxy did not recover after the broker came back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let msgs = consume(&broker.address(), &proxy.topic, 2, Duration::from_secs(20));
-    let ts: HashSet<i64> = msgs.iter().map(|m| payload_json(m)["ts"].as_i64().unwrap()).collect();
-    assert!(ts.contains(&1) && ts.contains(&3), "accepted events are in the topic: {ts:?}");
+    let ts: HashSet<i64> = msgs
+        .iter()
+        .map(|m| payload_json(m)["ts"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ts.contains(&1) && ts.contains(&3),
+        "accepted events are in the topic: {ts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -219,10 +329,24 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("spawn ingest-proxy");
-    let proxy = TestProxy { base: format!("http://127.0.0.1:{port}"), topic: topic.clone(), client: reqwest::Client::new() };
+    let proxy = TestProxy {
+        base: format!("http://127.0.0.1:{port}"),
+        topic: topic.clone(),
+        client: reqwest::Client::new(),
+    };
     let start = Instant::now();
-    while proxy.client.get(format!("{}/readyz", proxy.base)).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(start.elapsed() < Duration::from_secs(30), "proxy child did not become ready");
+    while proxy
+        .client
+        .get(format!("{}/readyz", proxy.base))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "proxy child did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // 8 senders post until the proxy stops answering; SIGTERM arrives mid-stream.
@@ -234,7 +358,13 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
             let mut acked = Vec::new();
             for i in 0..100_000i64 {
                 let ev = event(&format!("sig-{s}"), i);
-                match client.post(format!("{base}/event")).header("content-type", "application/json").body(ev.to_string()).send().await {
+                match client
+                    .post(format!("{base}/event"))
+                    .header("content-type", "application/json")
+                    .body(ev.to_string())
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status() == StatusCode::ACCEPTED => acked.push((s, i)),
                     Ok(_) => {}
                     Err(_) => break,
@@ -244,7 +374,10 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let exit = child.wait().unwrap();
     assert!(exit.success(), "proxy exited with {exit:?} after SIGTERM");
@@ -252,15 +385,29 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
     for s in senders {
         acked.extend(s.await.unwrap());
     }
-    assert!(acked.len() > 50, "too few events were sent before SIGTERM: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "too few events were sent before SIGTERM: {}",
+        acked.len()
+    );
     let msgs = consume(&brokers(), &topic, acked.len(), Duration::from_secs(30));
     let in_topic: HashSet<(i32, i64)> = msgs
         .iter()
         .map(|m| {
             let dev = key_str(m);
-            (dev.trim_start_matches("sig-").parse().unwrap(), payload_json(m)["ts"].as_i64().unwrap())
+            (
+                dev.trim_start_matches("sig-").parse().unwrap(),
+                payload_json(m)["ts"].as_i64().unwrap(),
+            )
         })
         .collect();
-    let missing: Vec<_> = acked.iter().filter(|k| !in_topic.contains(k)).take(5).collect();
-    assert!(missing.is_empty(), "acknowledged events missing from the topic, e.g. {missing:?}");
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|k| !in_topic.contains(k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged events missing from the topic, e.g. {missing:?}"
+    );
 }

@@ -9,7 +9,12 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// Creates `topic` with `partitions` partitions; an existing topic is fine (its partition
 /// count is left as it is).
-pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32, replication: i32) -> Result<(), KafkaError> {
+pub async fn ensure_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("socket.connection.setup.timeout.ms", "5000")
@@ -29,7 +34,12 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32, replicati
 
 /// Retries `ensure_topic` with capped backoff until it succeeds (for start-up while the broker
 /// is still coming up).
-pub async fn ensure_topic_with_retry(brokers: &str, topic: &str, partitions: i32, replication: i32) {
+pub async fn ensure_topic_with_retry(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
         match ensure_topic(brokers, topic, partitions, replication).await {

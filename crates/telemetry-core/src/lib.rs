@@ -1,5 +1,9 @@
 //! Event model, validation and the stream cleanup logic, as pure synchronous code.
 
+pub mod batch;
+pub mod cleanup;
 pub mod event;
 
+pub use batch::Batcher;
+pub use cleanup::{Changes, Cleaner, CleanupConfig, DeviceMark, Outcome, Released, SeenKey};
 pub use event::{parse_batch, Event, EventKey, ParseError, ValidationError};

@@ -9,12 +9,15 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
 
 /// The repository root (two levels above this crate).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root exists")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root exists")
 }
 
 /// The shared test broker: `KAFKA_BROKERS` when set (scripts/test sets it), otherwise the one
@@ -29,7 +32,11 @@ pub fn brokers() -> String {
         .clone()
 }
 
-fn run_broker_script(action: &str, port: Option<u16>, data: Option<&std::path::Path>) -> Result<String, String> {
+fn run_broker_script(
+    action: &str,
+    port: Option<u16>,
+    data: Option<&std::path::Path>,
+) -> Result<String, String> {
     let mut cmd = Command::new(repo_root().join("scripts/broker"));
     cmd.arg(action);
     if let Some(p) = port {
@@ -38,11 +45,21 @@ fn run_broker_script(action: &str, port: Option<u16>, data: Option<&std::path::P
     if let Some(d) = data {
         cmd.env("BROKER_DATA", d);
     }
-    let out = cmd.output().map_err(|e| format!("running scripts/broker: {e}"))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("running scripts/broker: {e}"))?;
     if !out.status.success() {
-        return Err(format!("scripts/broker {action}: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "scripts/broker {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or("").to_owned())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_owned())
 }
 
 /// A broker of a test's own, on a free port with its own data directory, so the test may stop
@@ -67,9 +84,14 @@ mod tempfile_dir {
 impl PrivateBroker {
     pub fn start() -> PrivateBroker {
         let port = free_port();
-        let dir = repo_root().join(".local").join(format!("test-broker-{port}-{}", unique("d")));
+        let dir = repo_root()
+            .join(".local")
+            .join(format!("test-broker-{port}-{}", unique("d")));
         std::fs::create_dir_all(&dir).expect("create broker data dir");
-        let b = PrivateBroker { port, data: tempfile_dir::Dir(dir) };
+        let b = PrivateBroker {
+            port,
+            data: tempfile_dir::Dir(dir),
+        };
         b.resume();
         b
     }
@@ -80,12 +102,14 @@ impl PrivateBroker {
 
     /// Stops the broker process (its data stays).
     pub fn stop(&self) {
-        run_broker_script("stop", Some(self.port), Some(&self.data.0)).expect("stop private broker");
+        run_broker_script("stop", Some(self.port), Some(&self.data.0))
+            .expect("stop private broker");
     }
 
     /// Starts it again on the same port and data directory.
     pub fn resume(&self) {
-        run_broker_script("start", Some(self.port), Some(&self.data.0)).expect("start private broker");
+        run_broker_script("start", Some(self.port), Some(&self.data.0))
+            .expect("start private broker");
     }
 }
 
@@ -97,7 +121,11 @@ impl Drop for PrivateBroker {
 
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A name no other test run uses: `prefix-<random>`.
@@ -114,11 +142,14 @@ pub fn reader(brokers: &str, topic: &str) -> BaseConsumer {
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
     let mut tpl = TopicPartitionList::new();
     for t in md.topics().iter().filter(|t| t.name() == topic) {
         for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).expect("add partition");
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("add partition");
         }
     }
     assert!(tpl.count() > 0, "topic {topic} has no partitions");
@@ -127,7 +158,12 @@ pub fn reader(brokers: &str, topic: &str) -> BaseConsumer {
 }
 
 /// Reads `topic` from the beginning until `expected` messages arrived or `timeout` passed.
-pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
+pub fn consume(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
     let consumer = reader(brokers, topic);
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();

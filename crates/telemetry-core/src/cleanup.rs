@@ -1,0 +1,658 @@
+//! Stream cleanup for one partition, as pure synchronous code: deduplication by `(deviceId, ts)`,
+//! per-device watermarks, a reorder buffer released in ts order, and idle flush. Time is passed
+//! in (processing time, milliseconds); nothing here reads a clock or does I/O.
+//!
+//! Rules (DESIGN.md): a device's watermark is `max(max_ts - allowed_lateness, released_max)`.
+//! An event below it on arrival is late. Buffered events with `ts <= watermark` are released in
+//! ts order. A device silent for `idle_timeout_ms` has its whole buffer released, which raises
+//! `released_max`. Identities of released events are kept while `ts >= max_ts - dedup_horizon`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::Event;
+
+/// The cleanup parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanupConfig {
+    /// How far behind a device's highest ts an event may arrive and still be in time (ms).
+    pub allowed_lateness_ms: i64,
+    /// How long (event time behind the device's highest ts) released identities are kept (ms).
+    pub dedup_horizon_ms: i64,
+    /// Processing time after a device's last event when its buffer is released (ms).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for CleanupConfig {
+    fn default() -> Self {
+        Self {
+            allowed_lateness_ms: 5_000,
+            dedup_horizon_ms: 600_000,
+            idle_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// What happened to one event on arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// In the reorder buffer; it comes out of `drain_released` once the watermark passes it.
+    Buffered,
+    /// Same identity and coordinates as an event already seen: dropped.
+    Duplicate,
+    /// Same identity, other coordinates: the first one wins, this one is dropped.
+    Conflict,
+    /// Below the device's watermark: must not reach the sink (it goes to the dead-letter topic).
+    Late,
+}
+
+/// An event leaving the reorder buffer, with the offset it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Released {
+    pub event: Event,
+    pub offset: i64,
+}
+
+/// What is persisted per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMark {
+    /// Highest ts seen (buffered or released).
+    pub max_ts: i64,
+    /// Highest ts released (`i64::MIN` when none).
+    pub released_max: i64,
+}
+
+/// A released identity with its coordinates' bits (to tell duplicates from conflicts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenKey {
+    pub device_id: String,
+    pub ts: i64,
+    pub latitude_bits: u64,
+    pub longitude_bits: u64,
+}
+
+/// State changes since the last `take_changes`: what a checkpoint must persist.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Changes {
+    /// Devices whose mark changed, with the new mark.
+    pub devices: Vec<(String, DeviceMark)>,
+    /// Identities released since the last checkpoint.
+    pub new_keys: Vec<SeenKey>,
+    /// Identities dropped from the horizon: for each device, every key below the given ts.
+    pub pruned: Vec<(String, i64)>,
+}
+
+#[derive(Debug)]
+struct Device {
+    mark: DeviceMark,
+    /// Waiting events by ts, with the offset each was read at.
+    buffer: BTreeMap<i64, (Event, i64)>,
+    /// Released identities by ts: coordinates' bits.
+    seen: BTreeMap<i64, (u64, u64)>,
+    last_arrival_ms: u64,
+    dirty: bool,
+    pruned_below: Option<i64>,
+}
+
+impl Device {
+    fn new(now_ms: u64) -> Self {
+        Device {
+            mark: DeviceMark {
+                max_ts: i64::MIN,
+                released_max: i64::MIN,
+            },
+            buffer: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            last_arrival_ms: now_ms,
+            dirty: false,
+            pruned_below: None,
+        }
+    }
+
+    fn watermark(&self, lateness: i64) -> i64 {
+        self.mark
+            .max_ts
+            .saturating_sub(lateness)
+            .max(self.mark.released_max)
+    }
+}
+
+/// Cleanup state of one partition.
+#[derive(Debug)]
+pub struct Cleaner {
+    config: CleanupConfig,
+    devices: HashMap<String, Device>,
+    released: Vec<Released>,
+    new_keys: Vec<SeenKey>,
+    /// Offsets of buffered events (multiset), for the resume offset.
+    offsets: BTreeMap<i64, u32>,
+    buffered: usize,
+    seen: usize,
+}
+
+impl Cleaner {
+    pub fn new(config: CleanupConfig) -> Self {
+        Cleaner {
+            config,
+            devices: HashMap::new(),
+            released: Vec::new(),
+            new_keys: Vec::new(),
+            offsets: BTreeMap::new(),
+            buffered: 0,
+            seen: 0,
+        }
+    }
+
+    /// Rebuilds the state a checkpoint persisted (marks and released identities).
+    pub fn restore(
+        config: CleanupConfig,
+        marks: Vec<(String, DeviceMark)>,
+        keys: Vec<SeenKey>,
+        now_ms: u64,
+    ) -> Self {
+        let mut c = Cleaner::new(config);
+        for (device, mark) in marks {
+            let mut d = Device::new(now_ms);
+            d.mark = mark;
+            c.devices.insert(device, d);
+        }
+        for k in keys {
+            let d = c
+                .devices
+                .entry(k.device_id)
+                .or_insert_with(|| Device::new(now_ms));
+            if d.seen
+                .insert(k.ts, (k.latitude_bits, k.longitude_bits))
+                .is_none()
+            {
+                c.seen += 1;
+            }
+        }
+        c
+    }
+
+    pub fn config(&self) -> &CleanupConfig {
+        &self.config
+    }
+
+    /// Classifies one event read at `offset` and releases what its watermark lets go.
+    pub fn process(&mut self, event: Event, offset: i64, now_ms: u64) -> Outcome {
+        let lateness = self.config.allowed_lateness_ms;
+        let horizon = self.config.dedup_horizon_ms;
+        let device = match self.devices.get_mut(&event.device_id) {
+            Some(d) => d,
+            None => self
+                .devices
+                .entry(event.device_id.clone())
+                .or_insert_with(|| Device::new(now_ms)),
+        };
+        device.last_arrival_ms = now_ms;
+        let pos = (event.latitude.to_bits(), event.longitude.to_bits());
+        if let Some((first, _)) = device.buffer.get(&event.ts) {
+            return if first.same_position(&event) {
+                Outcome::Duplicate
+            } else {
+                Outcome::Conflict
+            };
+        }
+        if let Some(&seen) = device.seen.get(&event.ts) {
+            return if seen == pos {
+                Outcome::Duplicate
+            } else {
+                Outcome::Conflict
+            };
+        }
+        if device.mark.max_ts != i64::MIN && event.ts < device.watermark(lateness) {
+            return Outcome::Late;
+        }
+        device.mark.max_ts = device.mark.max_ts.max(event.ts);
+        device.dirty = true;
+        device.buffer.insert(event.ts, (event, offset));
+        *self.offsets.entry(offset).or_insert(0) += 1;
+        self.buffered += 1;
+        let watermark = device.watermark(lateness);
+        let mut out = Release {
+            released: &mut self.released,
+            new_keys: &mut self.new_keys,
+            offsets: &mut self.offsets,
+            buffered: &mut self.buffered,
+            seen: &mut self.seen,
+        };
+        out.release_through(device, watermark, horizon);
+        Outcome::Buffered
+    }
+
+    /// Releases the buffers of devices silent for the idle timeout (processing time).
+    pub fn tick(&mut self, now_ms: u64) {
+        let idle = self.config.idle_timeout_ms;
+        let horizon = self.config.dedup_horizon_ms;
+        let mut out = Release {
+            released: &mut self.released,
+            new_keys: &mut self.new_keys,
+            offsets: &mut self.offsets,
+            buffered: &mut self.buffered,
+            seen: &mut self.seen,
+        };
+        for device in self.devices.values_mut() {
+            if !device.buffer.is_empty() && now_ms.saturating_sub(device.last_arrival_ms) >= idle {
+                out.release_through(device, i64::MAX, horizon);
+            }
+        }
+    }
+
+    /// Events released since the last call, each device's in ts order.
+    pub fn drain_released(&mut self) -> Vec<Released> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// True when released events wait to be drained.
+    pub fn has_released(&self) -> bool {
+        !self.released.is_empty()
+    }
+
+    /// Lowest offset of any event still in a reorder buffer.
+    pub fn min_buffered_offset(&self) -> Option<i64> {
+        self.offsets.keys().next().copied()
+    }
+
+    /// State changes since the last call (for a checkpoint).
+    pub fn take_changes(&mut self) -> Changes {
+        let mut changes = Changes {
+            new_keys: std::mem::take(&mut self.new_keys),
+            ..Changes::default()
+        };
+        for (id, d) in self.devices.iter_mut() {
+            if d.dirty {
+                changes.devices.push((id.clone(), d.mark));
+                d.dirty = false;
+            }
+            if let Some(below) = d.pruned_below.take() {
+                changes.pruned.push((id.clone(), below));
+            }
+        }
+        changes
+    }
+
+    /// Events in reorder buffers.
+    pub fn buffered_len(&self) -> usize {
+        self.buffered
+    }
+
+    /// Released identities kept for deduplication.
+    pub fn dedup_len(&self) -> usize {
+        self.seen
+    }
+
+    /// Devices known to this partition.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Highest watermark of any device (event time, ms), if any device has one.
+    pub fn max_watermark(&self) -> Option<i64> {
+        let lateness = self.config.allowed_lateness_ms;
+        self.devices
+            .values()
+            .filter(|d| d.mark.max_ts != i64::MIN)
+            .map(|d| d.watermark(lateness))
+            .max()
+    }
+}
+
+/// The cleaner's outputs, borrowed apart from its device map.
+struct Release<'a> {
+    released: &'a mut Vec<Released>,
+    new_keys: &'a mut Vec<SeenKey>,
+    offsets: &'a mut BTreeMap<i64, u32>,
+    buffered: &'a mut usize,
+    seen: &'a mut usize,
+}
+
+impl Release<'_> {
+    /// Moves the device's buffered events with `ts <= through` out, in ts order, records their
+    /// identities, and prunes identities that fell out of the horizon.
+    fn release_through(&mut self, device: &mut Device, through: i64, horizon: i64) {
+        let keep = match through.checked_add(1) {
+            Some(bound) => device.buffer.split_off(&bound),
+            None => BTreeMap::new(),
+        };
+        let out = std::mem::replace(&mut device.buffer, keep);
+        for (ts, (event, offset)) in out {
+            if let Some(n) = self.offsets.get_mut(&offset) {
+                *n -= 1;
+                if *n == 0 {
+                    self.offsets.remove(&offset);
+                }
+            }
+            *self.buffered -= 1;
+            let bits = (event.latitude.to_bits(), event.longitude.to_bits());
+            if device.seen.insert(ts, bits).is_none() {
+                *self.seen += 1;
+            }
+            self.new_keys.push(SeenKey {
+                device_id: event.device_id.clone(),
+                ts,
+                latitude_bits: bits.0,
+                longitude_bits: bits.1,
+            });
+            device.mark.released_max = device.mark.released_max.max(ts);
+            device.dirty = true;
+            self.released.push(Released { event, offset });
+        }
+        let floor = device.mark.max_ts.saturating_sub(horizon);
+        if device
+            .seen
+            .first_key_value()
+            .is_some_and(|(ts, _)| *ts < floor)
+        {
+            let kept = device.seen.split_off(&floor);
+            *self.seen -= device.seen.len();
+            device.seen = kept;
+            device.pruned_below = Some(floor);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeSet, HashSet};
+
+    fn ev(device: &str, ts: i64) -> Event {
+        Event {
+            device_id: device.to_owned(),
+            ts,
+            latitude: 1.0,
+            longitude: 2.0,
+        }
+    }
+
+    fn cfg(lateness: i64, horizon: i64, idle: u64) -> CleanupConfig {
+        CleanupConfig {
+            allowed_lateness_ms: lateness,
+            dedup_horizon_ms: horizon,
+            idle_timeout_ms: idle,
+        }
+    }
+
+    fn released_ts(c: &mut Cleaner) -> Vec<i64> {
+        c.drain_released().into_iter().map(|r| r.event.ts).collect()
+    }
+
+    #[test]
+    fn out_of_order_events_within_lateness_are_released_in_ts_order() {
+        let mut c = Cleaner::new(cfg(100, 10_000, 1_000));
+        for (i, ts) in [1000, 950, 1020, 990].into_iter().enumerate() {
+            assert_eq!(c.process(ev("d", ts), i as i64, 0), Outcome::Buffered);
+        }
+        assert!(
+            released_ts(&mut c).is_empty(),
+            "nothing is below the watermark 920 yet"
+        );
+        c.process(ev("d", 1100), 4, 0); // watermark 1000
+        assert_eq!(released_ts(&mut c), vec![950, 990, 1000]);
+        assert_eq!(c.min_buffered_offset(), Some(2)); // 1020 was read at offset 2
+    }
+
+    #[test]
+    fn duplicate_and_conflict_are_told_apart_before_and_after_release() {
+        let mut c = Cleaner::new(cfg(100, 10_000, 1_000));
+        c.process(ev("d", 1000), 0, 0);
+        assert_eq!(c.process(ev("d", 1000), 1, 0), Outcome::Duplicate);
+        let mut moved = ev("d", 1000);
+        moved.latitude = 3.0;
+        assert_eq!(c.process(moved.clone(), 2, 0), Outcome::Conflict);
+        c.process(ev("d", 2000), 3, 0);
+        assert_eq!(released_ts(&mut c), vec![1000]);
+        assert_eq!(c.process(ev("d", 1000), 4, 0), Outcome::Duplicate);
+        assert_eq!(c.process(moved, 5, 0), Outcome::Conflict);
+    }
+
+    #[test]
+    fn late_event_is_classified_late_and_never_released() {
+        let mut c = Cleaner::new(cfg(100, 10_000, 1_000));
+        c.process(ev("d", 1000), 0, 0);
+        assert_eq!(c.process(ev("d", 899), 1, 0), Outcome::Late);
+        assert_eq!(
+            c.process(ev("d", 900), 2, 0),
+            Outcome::Buffered,
+            "exactly at the watermark is in time"
+        );
+        assert_eq!(
+            c.process(ev("other", 5), 3, 0),
+            Outcome::Buffered,
+            "watermarks are per device"
+        );
+        c.tick(10_000);
+        let mut out = released_ts(&mut c);
+        out.sort();
+        assert_eq!(out, vec![5, 900, 1000]);
+    }
+
+    #[test]
+    fn idle_device_is_flushed_and_its_stragglers_become_late() {
+        let mut c = Cleaner::new(cfg(5_000, 600_000, 2_000));
+        c.process(ev("quiet", 10_000), 0, 100);
+        c.process(ev("quiet", 9_000), 1, 200);
+        c.tick(2_100);
+        assert!(
+            released_ts(&mut c).is_empty(),
+            "1.9 s of silence is not idle yet"
+        );
+        c.tick(2_200);
+        assert_eq!(released_ts(&mut c), vec![9_000, 10_000]);
+        assert_eq!(c.min_buffered_offset(), None);
+        assert_eq!(c.process(ev("quiet", 9_500), 2, 2_300), Outcome::Late);
+        assert_eq!(c.process(ev("quiet", 10_001), 3, 2_300), Outcome::Buffered);
+    }
+
+    #[test]
+    fn dedup_keys_are_pruned_beyond_the_horizon() {
+        let mut c = Cleaner::new(cfg(10, 1_000, 1_000));
+        for i in 0..100 {
+            c.process(ev("d", i * 100), i, 0);
+        }
+        c.drain_released();
+        // max_ts 9900: keys below 8900 are gone; released keys run up to the watermark 9890.
+        assert_eq!(c.dedup_len(), 10, "keys 8900..=9800 remain");
+        let changes = c.take_changes();
+        assert_eq!(changes.pruned.last(), Some(&("d".to_owned(), 8_900)));
+        assert_eq!(
+            c.process(ev("d", 100), 200, 0),
+            Outcome::Late,
+            "a pruned identity is late, never re-emitted"
+        );
+    }
+
+    #[test]
+    fn take_changes_reports_marks_and_new_keys_once() {
+        let mut c = Cleaner::new(cfg(10, 1_000, 1_000));
+        c.process(ev("d", 100), 0, 0);
+        c.process(ev("d", 200), 1, 0);
+        let ch = c.take_changes();
+        assert_eq!(
+            ch.devices,
+            vec![(
+                "d".to_owned(),
+                DeviceMark {
+                    max_ts: 200,
+                    released_max: 100
+                }
+            )]
+        );
+        assert_eq!(
+            ch.new_keys.iter().map(|k| k.ts).collect::<Vec<_>>(),
+            vec![100]
+        );
+        assert_eq!(c.take_changes(), Changes::default());
+    }
+
+    /// A stream: distinct events per device (strictly increasing ts), delivered reordered within
+    /// `lateness`, plus exact duplicates delivered after their original.
+    fn stream(lateness: i64) -> impl Strategy<Value = (Vec<Event>, Vec<Event>)> {
+        let devices = prop::collection::vec(
+            prop::collection::vec((1i64..400, 0..=lateness, any::<bool>()), 1..60),
+            1..5,
+        );
+        (devices, any::<u64>()).prop_map(move |(devs, seed)| {
+            let mut distinct = Vec::new();
+            let mut arrivals: Vec<(i64, usize, Event)> = Vec::new();
+            let mut rng = seed;
+            let mut next = || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            for (d, steps) in devs.iter().enumerate() {
+                let mut ts = 1_000_000;
+                for &(gap, delay, dup) in steps {
+                    ts += gap;
+                    let e = Event {
+                        device_id: format!("dev-{d}"),
+                        ts,
+                        latitude: (ts % 90) as f64,
+                        longitude: -((ts % 180) as f64),
+                    };
+                    distinct.push(e.clone());
+                    let seq = arrivals.len();
+                    arrivals.push((ts - delay, seq, e.clone()));
+                    if dup {
+                        // A resend arrives later than its original, but not beyond the horizon.
+                        let later = (next() % 2_000) as i64;
+                        arrivals.push((ts - delay + later, seq + 1_000_000, e));
+                    }
+                }
+            }
+            arrivals.sort_by_key(|a| (a.0, a.1));
+            (distinct, arrivals.into_iter().map(|a| a.2).collect())
+        })
+    }
+
+    fn check_output(distinct: &[Event], out: &[Released]) {
+        let mut got: Vec<(String, i64)> = out
+            .iter()
+            .map(|r| (r.event.device_id.clone(), r.event.ts))
+            .collect();
+        let unique: HashSet<_> = got.iter().cloned().collect();
+        assert_eq!(unique.len(), got.len(), "an event was released twice");
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for (d, ts) in &got {
+            let prev = last.insert(d.clone(), *ts);
+            assert!(
+                prev.is_none_or(|p| p < *ts),
+                "{d} released out of order: {prev:?} then {ts}"
+            );
+        }
+        got.sort();
+        let mut want: Vec<(String, i64)> = distinct
+            .iter()
+            .map(|e| (e.device_id.clone(), e.ts))
+            .collect();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    proptest! {
+        #[test]
+        fn any_reordering_within_lateness_yields_the_distinct_events_in_ts_order(
+            (distinct, arrivals) in stream(500),
+        ) {
+            let mut c = Cleaner::new(cfg(500, 600_000, 1_000));
+            let mut dups = 0;
+            for (i, e) in arrivals.iter().enumerate() {
+                match c.process(e.clone(), i as i64, 0) {
+                    Outcome::Buffered => {}
+                    Outcome::Duplicate => dups += 1,
+                    other => prop_assert!(false, "unexpected {other:?} for {e:?}"),
+                }
+            }
+            c.tick(1_000);
+            let out = c.drain_released();
+            check_output(&distinct, &out);
+            prop_assert_eq!(dups, arrivals.len() - distinct.len());
+            prop_assert_eq!(c.buffered_len(), 0);
+        }
+
+        #[test]
+        fn events_beyond_lateness_are_late_and_never_released(
+            (distinct, mut arrivals) in stream(500),
+            late_at in any::<prop::sample::Index>(),
+            extra in 1i64..10_000,
+        ) {
+            // Right after some arrival, a new identity far behind that device's max.
+            let pos = late_at.index(arrivals.len());
+            let device = arrivals[pos].device_id.clone();
+            let max_before = arrivals[..=pos].iter().filter(|e| e.device_id == device).map(|e| e.ts).max().unwrap();
+            let late = Event { device_id: device, ts: max_before - 500 - extra, latitude: 0.5, longitude: 0.5 };
+            prop_assume!(!distinct.iter().any(|e| e.device_id == late.device_id && e.ts == late.ts));
+            arrivals.insert(pos + 1, late.clone());
+            let mut c = Cleaner::new(cfg(500, 600_000, 1_000));
+            let mut late_seen = 0;
+            for (i, e) in arrivals.iter().enumerate() {
+                if c.process(e.clone(), i as i64, 0) == Outcome::Late {
+                    prop_assert_eq!(e, &late);
+                    late_seen += 1;
+                }
+            }
+            c.tick(1_000);
+            prop_assert_eq!(late_seen, 1);
+            check_output(&distinct, &c.drain_released());
+        }
+
+        #[test]
+        fn dedup_state_stays_within_the_horizon((_distinct, arrivals) in stream(500)) {
+            let horizon = 3_000;
+            let mut c = Cleaner::new(cfg(500, horizon, 1_000));
+            for (i, e) in arrivals.iter().enumerate() {
+                c.process(e.clone(), i as i64, 0);
+            }
+            let out = c.drain_released();
+            let mut max: HashMap<&str, i64> = HashMap::new();
+            for e in &arrivals {
+                let m = max.entry(e.device_id.as_str()).or_insert(i64::MIN);
+                *m = (*m).max(e.ts);
+            }
+            let within: BTreeSet<(String, i64)> = out
+                .iter()
+                .filter(|r| r.event.ts >= max[r.event.device_id.as_str()] - horizon)
+                .map(|r| (r.event.device_id.clone(), r.event.ts))
+                .collect();
+            prop_assert_eq!(c.dedup_len(), within.len());
+        }
+
+        /// The checkpoint protocol in pure form: persist changes at an arbitrary point, lose the
+        /// in-memory state, restore, replay from the resume offset. What was released before the
+        /// checkpoint plus what is released after is exactly the distinct events, in order.
+        #[test]
+        fn restore_and_replay_from_the_resume_offset_loses_and_repeats_nothing(
+            (distinct, arrivals) in stream(500),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let config = cfg(500, 600_000, 1_000);
+            let cut = cut.index(arrivals.len() + 1);
+            let mut c = Cleaner::new(config);
+            for (i, e) in arrivals[..cut].iter().enumerate() {
+                c.process(e.clone(), i as i64, 0);
+            }
+            let mut emitted = c.drain_released();
+            let resume = c.min_buffered_offset().unwrap_or(cut as i64);
+            let changes = c.take_changes();
+            let pruned: HashMap<String, i64> = changes.pruned.into_iter().collect();
+            let keys: Vec<SeenKey> = changes
+                .new_keys
+                .into_iter()
+                .filter(|k| pruned.get(&k.device_id).is_none_or(|below| k.ts >= *below))
+                .collect();
+            drop(c);
+            let mut c = Cleaner::restore(config, changes.devices, keys, 0);
+            for (i, e) in arrivals.iter().enumerate().skip(resume as usize) {
+                let outcome = c.process(e.clone(), i as i64, 0);
+                prop_assert!(outcome != Outcome::Late, "replayed {e:?} became late");
+            }
+            c.tick(1_000);
+            emitted.extend(c.drain_released());
+            check_output(&distinct, &emitted);
+        }
+    }
+}
