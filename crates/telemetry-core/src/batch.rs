@@ -1,13 +1,14 @@
 //! Batch assembly by size and linger, with time passed in.
 
-/// Collects items into batches of at most `max_len`, closing a batch when it is full or when
-/// `linger_ms` has passed since its first item.
+/// Collects items and says when they are due as batches: when `max_len` items wait, or when
+/// `linger_ms` has passed since the oldest waiting item arrived. Taking splits everything that
+/// waits into batches of at most `max_len`, so nothing is left behind between checkpoints.
 #[derive(Debug)]
 pub struct Batcher<T> {
     max_len: usize,
     linger_ms: u64,
-    current: Vec<T>,
-    opened_at: u64,
+    waiting: Vec<T>,
+    oldest_at: u64,
 }
 
 impl<T> Batcher<T> {
@@ -16,43 +17,47 @@ impl<T> Batcher<T> {
         Batcher {
             max_len,
             linger_ms,
-            current: Vec::new(),
-            opened_at: 0,
+            waiting: Vec::new(),
+            oldest_at: 0,
         }
     }
 
-    /// Adds an item; returns a full batch when this item filled one.
-    pub fn push(&mut self, item: T, now_ms: u64) -> Option<Vec<T>> {
-        if self.current.is_empty() {
-            self.opened_at = now_ms;
+    /// Adds items that arrived at `now_ms`.
+    pub fn extend(&mut self, items: impl IntoIterator<Item = T>, now_ms: u64) {
+        let was_empty = self.waiting.is_empty();
+        self.waiting.extend(items);
+        if was_empty && !self.waiting.is_empty() {
+            self.oldest_at = now_ms;
         }
-        self.current.push(item);
-        (self.current.len() >= self.max_len).then(|| self.take())
     }
 
-    /// The open batch, when its linger has passed.
-    pub fn poll(&mut self, now_ms: u64) -> Option<Vec<T>> {
-        let due =
-            !self.current.is_empty() && now_ms.saturating_sub(self.opened_at) >= self.linger_ms;
-        due.then(|| self.take())
+    /// True when a full batch waits or the oldest item has lingered long enough.
+    pub fn is_due(&self, now_ms: u64) -> bool {
+        self.waiting.len() >= self.max_len
+            || (!self.waiting.is_empty() && now_ms.saturating_sub(self.oldest_at) >= self.linger_ms)
     }
 
-    /// The open batch, whatever its age (empty when none).
-    pub fn take(&mut self) -> Vec<T> {
-        std::mem::take(&mut self.current)
+    /// Everything waiting, in order, as batches of at most `max_len`.
+    pub fn take_batches(&mut self) -> Vec<Vec<T>> {
+        let mut out = Vec::new();
+        let mut rest = std::mem::take(&mut self.waiting);
+        while rest.len() > self.max_len {
+            let tail = rest.split_off(self.max_len);
+            out.push(rest);
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            out.push(rest);
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
-        self.current.len()
+        self.waiting.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.current.is_empty()
-    }
-
-    /// When the open batch falls due, if there is one.
-    pub fn due_at(&self) -> Option<u64> {
-        (!self.current.is_empty()).then(|| self.opened_at + self.linger_ms)
+        self.waiting.is_empty()
     }
 }
 
@@ -61,22 +66,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch_closes_when_full() {
+    fn batch_is_due_when_full() {
         let mut b = Batcher::new(3, 1000);
-        assert_eq!(b.push(1, 0), None);
-        assert_eq!(b.push(2, 1), None);
-        assert_eq!(b.push(3, 2), Some(vec![1, 2, 3]));
+        b.extend([1, 2], 0);
+        assert!(!b.is_due(1));
+        b.extend([3], 2);
+        assert!(b.is_due(2));
+        assert_eq!(b.take_batches(), vec![vec![1, 2, 3]]);
         assert!(b.is_empty());
     }
 
     #[test]
-    fn batch_closes_after_linger_from_its_first_item() {
+    fn batch_is_due_after_linger_from_its_oldest_item() {
         let mut b = Batcher::new(100, 200);
-        b.push("a", 1000);
-        b.push("b", 1150);
-        assert_eq!(b.poll(1199), None);
-        assert_eq!(b.due_at(), Some(1200));
-        assert_eq!(b.poll(1200), Some(vec!["a", "b"]));
-        assert_eq!(b.poll(5000), None);
+        b.extend(["a"], 1000);
+        b.extend(["b"], 1150);
+        assert!(!b.is_due(1199));
+        assert!(b.is_due(1200));
+        assert_eq!(b.take_batches(), vec![vec!["a", "b"]]);
+        assert!(!b.is_due(5000));
+    }
+
+    #[test]
+    fn taking_splits_everything_into_bounded_batches() {
+        let mut b = Batcher::new(4, 10);
+        b.extend(0..10, 0);
+        assert_eq!(
+            b.take_batches(),
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
+        );
+        assert!(b.take_batches().is_empty());
     }
 }

@@ -1,0 +1,14 @@
+use anyhow::Context;
+use stream_processor::{Application, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    service_common::init_tracing();
+    let settings = Settings::from_env();
+    let app = Application::build(settings)
+        .await
+        .context("starting stream-processor")?;
+    app.run_until_stopped(service_common::shutdown_signal())
+        .await
+        .context("running stream-processor")
+}
