@@ -88,8 +88,7 @@ fn raw_rate(path: &std::path::Path, sync: Synchronous, batches: &[Vec<Event>]) -
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let n = env_usize("BENCH_BATCHES", 300);
-    let dir =
-        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
     let settings = Settings::for_tests(dir.path().join("api.db"));
     let sync = settings.sqlite_synchronous;
     let app = Application::build(settings).await.unwrap();
@@ -101,8 +100,7 @@ async fn main() {
         sync.pragma()
     );
     let raw_batches = make_batches(n, "raw");
-    let raw =
-        tokio::task::block_in_place(|| raw_rate(&dir.path().join("raw.db"), sync, &raw_batches));
+    let raw = tokio::task::block_in_place(|| raw_rate(&dir.path().join("raw.db"), sync, &raw_batches));
     let seq = http_rate(&base, make_batches(n, "seq"), 1, "seq").await;
     let conc = http_rate(&base, make_batches(n, "conc"), 4, "conc").await;
     println!("raw rusqlite insert            {raw:>12.0} events/s");

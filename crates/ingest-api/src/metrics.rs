@@ -14,7 +14,6 @@ pub(crate) fn rows_inserted(n: usize) {
 
 /// A batch was applied (`replayed` false) or answered from its idempotency key.
 pub(crate) fn batch(replayed: bool, rows: usize) {
-    counter!("ingest_api_batches_total", "replayed" => if replayed { "true" } else { "false" })
-        .increment(1);
+    counter!("ingest_api_batches_total", "replayed" => if replayed { "true" } else { "false" }).increment(1);
     rows_inserted(rows);
 }

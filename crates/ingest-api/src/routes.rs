@@ -81,9 +81,7 @@ fn idempotency_key(headers: &HeaderMap, body: &[u8]) -> Result<Option<Idempotenc
     let key = raw
         .to_str()
         .ok()
-        .filter(|k| {
-            !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic())
-        })
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()))
         .ok_or_else(|| {
             let mut e = ApiError::bad_request(
                 "invalid_idempotency_key",
@@ -118,11 +116,7 @@ async fn post_batch(
             ),
         ));
     }
-    let receipt = state
-        .store
-        .insert_batch(events, key)
-        .await
-        .map_err(store_error)?;
+    let receipt = state.store.insert_batch(events, key).await.map_err(store_error)?;
     let status = StatusCode::from_u16(receipt.status).unwrap_or(StatusCode::CREATED);
     let mut response = (
         status,
@@ -167,10 +161,7 @@ fn page_params(query: Option<&str>, settings: &Settings) -> Result<(u64, u64), A
     Ok((page, size))
 }
 
-async fn get_events(
-    State(state): State<AppState>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+async fn get_events(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let (page, size) = page_params(query.as_deref(), &state.settings)?;
     let (events, total) = state.store.page(page, size).await.map_err(store_error)?;
     let total_pages = total.div_ceil(size);
@@ -195,10 +186,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics() -> Response {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         service_common::metrics_handle().render(),
     )
         .into_response()

@@ -22,10 +22,9 @@ pub struct Application {
 impl Application {
     /// Opens the database and binds the port (port 0 picks a free one).
     pub async fn build(settings: Settings) -> std::io::Result<Application> {
-        let store =
-            Store::open(&settings.database_path, settings.sqlite_synchronous).map_err(|e| {
-                std::io::Error::other(format!("opening {}: {e}", settings.database_path.display()))
-            })?;
+        let store = Store::open(&settings.database_path, settings.sqlite_synchronous).map_err(|e| {
+            std::io::Error::other(format!("opening {}: {e}", settings.database_path.display()))
+        })?;
         let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
         // Make the metric families exist from the start.
         let _ = service_common::metrics_handle();

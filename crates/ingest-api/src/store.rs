@@ -213,8 +213,7 @@ impl Store {
         let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-                .is_ok()
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
         })
         .await
         .unwrap_or(false)
@@ -240,13 +239,7 @@ pub fn insert_rows(
     let mut first = None;
     let mut last = 0;
     for e in events {
-        stmt.execute(params![
-            e.device_id,
-            e.ts,
-            e.latitude,
-            e.longitude,
-            received_at
-        ])?;
+        stmt.execute(params![e.device_id, e.ts, e.latitude, e.longitude, received_at])?;
         last = tx.last_insert_rowid();
         first.get_or_insert(last);
     }
@@ -261,9 +254,7 @@ fn apply_batch(
 ) -> Result<BatchReceipt> {
     if let Some(k) = key {
         let found: Option<(Vec<u8>, u16, String)> = tx
-            .prepare_cached(
-                "SELECT body_sha256, status, response FROM idempotency_keys WHERE key = ?1",
-            )?
+            .prepare_cached("SELECT body_sha256, status, response FROM idempotency_keys WHERE key = ?1")?
             .query_row([&k.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         if let Some((hash, status, body)) = found {
@@ -298,8 +289,7 @@ fn apply_batch(
 }
 
 fn apply_one(tx: &Connection, event: Event, now: i64) -> Result<StoredEvent> {
-    let (id, _) =
-        insert_rows(tx, std::slice::from_ref(&event), now)?.expect("one row was inserted");
+    let (id, _) = insert_rows(tx, std::slice::from_ref(&event), now)?.expect("one row was inserted");
     Ok(StoredEvent {
         id,
         event,
@@ -309,11 +299,7 @@ fn apply_one(tx: &Connection, event: Event, now: i64) -> Result<StoredEvent> {
 
 enum Done {
     One(oneshot::Sender<Result<StoredEvent>>, Result<StoredEvent>),
-    Batch(
-        oneshot::Sender<Result<BatchReceipt>>,
-        Result<BatchReceipt>,
-        usize,
-    ),
+    Batch(oneshot::Sender<Result<BatchReceipt>>, Result<BatchReceipt>, usize),
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
@@ -377,10 +363,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
                     let r = match (&committed, r) {
                         (Ok(()), r) => {
                             if let Ok(receipt) = &r {
-                                crate::metrics::batch(
-                                    receipt.replayed,
-                                    if receipt.replayed { 0 } else { n },
-                                );
+                                crate::metrics::batch(receipt.replayed, if receipt.replayed { 0 } else { n });
                             }
                             r
                         }

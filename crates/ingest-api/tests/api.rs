@@ -154,10 +154,7 @@ async fn post_event_stores_it_and_answers_the_row_with_its_id() {
     let stored = app.all_events().await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["latitude"], 37.77);
-    assert!(
-        app.db.exists(),
-        "database file and its directory are created"
-    );
+    assert!(app.db.exists(), "database file and its directory are created");
 }
 
 #[tokio::test]
@@ -226,8 +223,7 @@ async fn key_reused_with_another_body_is_refused() {
 async fn invalid_idempotency_key_is_refused() {
     let app = spawn_app().await;
     let body = error_body(
-        app.post_batch(Some(&"k".repeat(300)), batch("d", 0, 1))
-            .await,
+        app.post_batch(Some(&"k".repeat(300)), batch("d", 0, 1)).await,
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -275,11 +271,7 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
             "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":-91,\"longitude\":0}".into(),
             "invalid_event",
         ),
-        (
-            "/events/batch",
-            "{\"not\":\"an array\"}".into(),
-            "invalid_body",
-        ),
+        ("/events/batch", "{\"not\":\"an array\"}".into(), "invalid_body"),
         (
             "/events/batch",
             "[{\"deviceId\":\"\",\"ts\":1,\"latitude\":0,\"longitude\":0}]".into(),
@@ -360,23 +352,13 @@ async fn body_and_batch_limits_answer_413() {
 async fn pages_are_in_insertion_order_with_metadata() {
     let app = spawn_app().await;
     app.post_batch(None, batch("d", 0, 25)).await;
-    let p1: Value = app
-        .get("/events?page=1&size=10")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let p1: Value = app.get("/events?page=1&size=10").await.json().await.unwrap();
     assert_eq!(p1["total"], 25);
     assert_eq!(p1["totalPages"], 3);
     assert_eq!(p1["page"], 1);
     assert_eq!(p1["size"], 10);
     assert_eq!(p1["hasMore"], true);
-    let p3: Value = app
-        .get("/events?page=3&size=10")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let p3: Value = app.get("/events?page=3&size=10").await.json().await.unwrap();
     let ts: Vec<i64> = p3["data"]
         .as_array()
         .unwrap()
@@ -385,12 +367,7 @@ async fn pages_are_in_insertion_order_with_metadata() {
         .collect();
     assert_eq!(ts, vec![20, 21, 22, 23, 24]);
     assert_eq!(p3["hasMore"], false);
-    let beyond: Value = app
-        .get("/events?page=9&size=10")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let beyond: Value = app.get("/events?page=9&size=10").await.json().await.unwrap();
     assert_eq!(beyond["data"].as_array().unwrap().len(), 0);
     let default: Value = app.get("/events").await.json().await.unwrap();
     assert_eq!(default["size"], 100);

@@ -58,19 +58,13 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
         // Same partition for a key as Java clients and Redpanda tools.
         .set("partitioner", "murmur2_random")
         .set("linger.ms", settings.producer_linger_ms.to_string())
-        .set(
-            "batch.num.messages",
-            settings.producer_batch_messages.to_string(),
-        )
+        .set("batch.num.messages", settings.producer_batch_messages.to_string())
         .set(
             "queue.buffering.max.messages",
             (settings.max_in_flight * 2).max(1000).to_string(),
         )
         // A message the broker has not acknowledged by the deadline fails instead of waiting on.
-        .set(
-            "message.timeout.ms",
-            settings.produce_timeout_ms.to_string(),
-        )
+        .set("message.timeout.ms", settings.produce_timeout_ms.to_string())
         .set(
             "request.timeout.ms",
             settings.produce_timeout_ms.clamp(1, 30_000).to_string(),
@@ -111,8 +105,7 @@ impl Publisher {
         if events.is_empty() {
             return Vec::new();
         }
-        let Ok(permit) = Arc::clone(&self.permits).try_acquire_many_owned(events.len() as u32)
-        else {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_many_owned(events.len() as u32) else {
             return vec![Err(PublishError::Busy); events.len()];
         };
         crate::metrics::in_flight(self.in_flight());
@@ -148,10 +141,9 @@ impl Publisher {
                         partition: d.partition,
                         offset: d.offset,
                     }),
-                    Ok(Err((
-                        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
-                        _,
-                    ))) => Err(PublishError::Timeout),
+                    Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+                        Err(PublishError::Timeout)
+                    }
                     Ok(Err((err, _))) => Err(PublishError::Broker(err.to_string())),
                     Err(_canceled) => Err(PublishError::Broker("producer shut down".into())),
                 },
@@ -180,9 +172,10 @@ impl Publisher {
             .client()
             .fetch_metadata(Some(&self.topic), Timeout::After(timeout))
         {
-            Ok(md) => md.topics().iter().any(|t| {
-                t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()
-            }),
+            Ok(md) => md
+                .topics()
+                .iter()
+                .any(|t| t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()),
             Err(_) => false,
         }
     }

@@ -92,9 +92,7 @@ fn parse_items(bytes: &[u8], kind: BodyKind) -> Result<Vec<Result<Event, ApiErro
             Ok(items
                 .iter()
                 .enumerate()
-                .map(|(index, item)| {
-                    Event::from_value(item).map_err(|e| ApiError::invalid(&e, Some(index)))
-                })
+                .map(|(index, item)| Event::from_value(item).map_err(|e| ApiError::invalid(&e, Some(index))))
                 .collect())
         }
         BodyKind::Ndjson => Ok(bytes
@@ -134,10 +132,7 @@ async fn post_batch(
     if items.is_empty() {
         return Err(ApiError::bad_request("empty_batch", "batch has no events"));
     }
-    let valid: Vec<Event> = items
-        .iter()
-        .filter_map(|r| r.as_ref().ok().cloned())
-        .collect();
+    let valid: Vec<Event> = items.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut outcomes = state.publisher.publish(&valid).await.into_iter();
 
     let (mut accepted, mut invalid, mut rejected) = (0usize, 0usize, 0usize);
@@ -207,10 +202,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics() -> Response {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         service_common::metrics_handle().render(),
     )
         .into_response()

@@ -7,9 +7,7 @@ use ingest_proxy::{Application, Settings};
 use rdkafka::Message;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use test_support::{
-    brokers, consume, consume_until_quiet, key_str, payload_json, unique, PrivateBroker,
-};
+use test_support::{brokers, consume, consume_until_quiet, key_str, payload_json, unique, PrivateBroker};
 
 struct TestProxy {
     base: String,
@@ -34,8 +32,7 @@ impl TestProxy {
     }
 
     async fn post_event(&self, event: &Value) -> reqwest::Response {
-        self.post("/event", "application/json", event.to_string())
-            .await
+        self.post("/event", "application/json", event.to_string()).await
     }
 
     async fn ready_status(&self) -> StatusCode {
@@ -72,9 +69,7 @@ async fn spawn_proxy_with(brokers: &str, tweak: impl FnOnce(&mut Settings)) -> T
         topic,
         client: reqwest::Client::new(),
     };
-    proxy
-        .wait_ready(StatusCode::OK, Duration::from_secs(30))
-        .await;
+    proxy.wait_ready(StatusCode::OK, Duration::from_secs(30)).await;
     proxy
 }
 
@@ -97,10 +92,7 @@ async fn accepted_event_is_in_the_topic_keyed_by_device() {
     assert_eq!(msgs.len(), 1);
     assert_eq!(key_str(&msgs[0]), "dev-42");
     assert_eq!(payload_json(&msgs[0]), event("dev-42", 1_700_000_000_123));
-    assert_eq!(
-        msgs[0].partition() as i64,
-        body["partition"].as_i64().unwrap()
-    );
+    assert_eq!(msgs[0].partition() as i64, body["partition"].as_i64().unwrap());
     assert_eq!(msgs[0].offset(), body["offset"].as_i64().unwrap());
 }
 
@@ -133,16 +125,9 @@ async fn one_device_lands_in_one_partition_in_send_order() {
         partitions_used.extend(partitions);
         rows.sort_by_key(|r| r.1);
         let ts: Vec<i64> = rows.iter().map(|r| r.2).collect();
-        assert_eq!(
-            ts,
-            (1000..1040).collect::<Vec<_>>(),
-            "{device} out of send order"
-        );
+        assert_eq!(ts, (1000..1040).collect::<Vec<_>>(), "{device} out of send order");
     }
-    assert!(
-        partitions_used.len() > 1,
-        "keys should spread over partitions"
-    );
+    assert!(partitions_used.len() > 1, "keys should spread over partitions");
 }
 
 #[tokio::test]
@@ -220,9 +205,7 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
         .all(|(i, r)| i == 3 || r["status"] == "accepted"));
 
     let ndjson = format!("{}\n{}\n\n", event("nd-dev", 1), event("nd-dev", 2));
-    let resp = proxy
-        .post("/events/batch", "application/x-ndjson", ndjson)
-        .await;
+    let resp = proxy.post("/events/batch", "application/x-ndjson", ndjson).await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     assert_eq!(resp.json::<Value>().await.unwrap()["accepted"], 2);
 
@@ -289,9 +272,7 @@ async fn broker_outage_gives_503_within_the_deadline_and_recovers() {
         .await;
 
     broker.resume();
-    proxy
-        .wait_ready(StatusCode::OK, Duration::from_secs(30))
-        .await;
+    proxy.wait_ready(StatusCode::OK, Duration::from_secs(30)).await;
     let start = Instant::now();
     loop {
         let status = proxy.post_event(&event("d", 3)).await.status();
@@ -401,11 +382,7 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
             )
         })
         .collect();
-    let missing: Vec<_> = acked
-        .iter()
-        .filter(|k| !in_topic.contains(k))
-        .take(5)
-        .collect();
+    let missing: Vec<_> = acked.iter().filter(|k| !in_topic.contains(k)).take(5).collect();
     assert!(
         missing.is_empty(),
         "acknowledged events missing from the topic, e.g. {missing:?}"

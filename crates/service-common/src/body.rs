@@ -23,12 +23,7 @@ pub fn require_json(headers: &HeaderMap, ndjson_ok: bool) -> Result<BodyKind, Ap
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = raw
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let mime = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
         return Ok(BodyKind::Json);
     }
@@ -58,10 +53,7 @@ pub fn require_json(headers: &HeaderMap, ndjson_ok: bool) -> Result<BodyKind, Ap
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
         // to_bytes reports both "too large" and transport errors; tell them apart.
-        let too_large = err
-            .into_inner()
-            .downcast_ref::<LengthLimitError>()
-            .is_some();
+        let too_large = err.into_inner().downcast_ref::<LengthLimitError>().is_some();
         if too_large {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

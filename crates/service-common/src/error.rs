@@ -74,9 +74,7 @@ impl ApiError {
 impl From<ParseError> for ApiError {
     fn from(err: ParseError) -> Self {
         match err {
-            ParseError::Json(e) => {
-                ApiError::bad_request("malformed_json", format!("malformed JSON: {e}"))
-            }
+            ParseError::Json(e) => ApiError::bad_request("malformed_json", format!("malformed JSON: {e}")),
             ParseError::NotArray => {
                 ApiError::bad_request("invalid_body", "body must be a JSON array of events")
             }

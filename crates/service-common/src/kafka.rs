@@ -34,12 +34,7 @@ pub async fn ensure_topic(
 
 /// Retries `ensure_topic` with capped backoff until it succeeds (for start-up while the broker
 /// is still coming up).
-pub async fn ensure_topic_with_retry(
-    brokers: &str,
-    topic: &str,
-    partitions: i32,
-    replication: i32,
-) {
+pub async fn ensure_topic_with_retry(brokers: &str, topic: &str, partitions: i32, replication: i32) {
     let mut delay = Duration::from_millis(200);
     loop {
         match ensure_topic(brokers, topic, partitions, replication).await {

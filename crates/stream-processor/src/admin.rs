@@ -33,10 +33,7 @@ pub(crate) fn router(ready: Arc<AtomicBool>) -> Router {
 
 async fn metrics() -> Response {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         service_common::metrics_handle().render(),
     )
         .into_response()

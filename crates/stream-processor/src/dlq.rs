@@ -47,9 +47,7 @@ pub struct DeadLetters {
 
 impl std::fmt::Debug for DeadLetters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeadLetters")
-            .field("topic", &self.topic)
-            .finish()
+        f.debug_struct("DeadLetters").field("topic", &self.topic).finish()
     }
 }
 
@@ -109,11 +107,8 @@ impl DeadLetters {
                 }
                 Err((e, _)) => {
                     failures += 1;
-                    let delay = crate::sink::backoff(
-                        Duration::from_millis(100),
-                        Duration::from_secs(5),
-                        failures,
-                    );
+                    let delay =
+                        crate::sink::backoff(Duration::from_millis(100), Duration::from_secs(5), failures);
                     tracing::warn!(error = %e, failures, "dead-letter produce failed, retrying");
                     tokio::time::sleep(delay).await;
                 }

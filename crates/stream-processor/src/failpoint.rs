@@ -21,11 +21,7 @@ pub fn arm(step: Option<&str>, hit: u64) -> Result<(), String> {
         if !STEPS.contains(&s) {
             return Err(format!("FAILPOINT must be one of {}", STEPS.join(", ")));
         }
-        tracing::warn!(
-            step = s,
-            hit,
-            "failpoint armed: the process will abort there"
-        );
+        tracing::warn!(step = s, hit, "failpoint armed: the process will abort there");
     }
     let _ = ARMED.set(step.map(|s| (s.to_owned(), hit.max(1))));
     Ok(())

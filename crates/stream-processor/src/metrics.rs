@@ -67,13 +67,11 @@ pub(crate) fn partition_gauges(
 }
 
 pub(crate) fn outbox(partition: i32, batches: usize) {
-    gauge!("stream_processor_outbox_batches", "partition" => partition.to_string())
-        .set(batches as f64);
+    gauge!("stream_processor_outbox_batches", "partition" => partition.to_string()).set(batches as f64);
 }
 
 pub(crate) fn lag(partition: i32, lag: i64) {
-    gauge!("stream_processor_consumer_lag_events", "partition" => partition.to_string())
-        .set(lag as f64);
+    gauge!("stream_processor_consumer_lag_events", "partition" => partition.to_string()).set(lag as f64);
 }
 
 pub(crate) fn restart_to_first_batch(seconds: f64) {

@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -112,10 +110,7 @@ pub fn consumer(
         .set("bootstrap.servers", &settings.kafka_brokers)
         .set("group.id", &settings.group_id)
         .set("group.instance.id", &settings.group_instance_id)
-        .set(
-            "session.timeout.ms",
-            settings.session_timeout_ms.to_string(),
-        )
+        .set("session.timeout.ms", settings.session_timeout_ms.to_string())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -143,6 +138,37 @@ fn fatal(what: &str, err: impl std::fmt::Display) -> ! {
     // The state store is the source of truth; a restart resumes from its last checkpoint.
     tracing::error!(error = %err, "{what}; exiting so a restart resumes from the last checkpoint");
     std::process::exit(70);
+}
+
+/// Asks the broker for the high watermark of every partition in `marks` twice a second,
+/// recording the processing time each was asked at (before the request: conservative).
+async fn watch_high_watermarks(
+    consumer: Arc<KafkaConsumer>,
+    topic: String,
+    marks: Arc<Mutex<HashMap<i32, (i64, u64)>>>,
+    clock: Instant,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let parts: Vec<i32> = marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for p in parts {
+            let asked_at = clock.elapsed().as_millis() as u64;
+            let (c, t) = (Arc::clone(&consumer), topic.clone());
+            let fetched =
+                tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(1))).await;
+            if let Ok(Ok((_, high))) = fetched {
+                marks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(p, (high, asked_at));
+            }
+        }
+    }
 }
 
 /// What the sender tasks share.
@@ -243,6 +269,9 @@ pub struct Pipeline {
     senders: HashMap<i32, (SenderHandle, JoinHandle<()>)>,
     shared: SenderShared,
     clock: Instant,
+    last_tick_ms: u64,
+    /// Per partition: the high watermark and the processing time it was asked for.
+    high_watermarks: Arc<Mutex<HashMap<i32, (i64, u64)>>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -297,6 +326,8 @@ impl Pipeline {
             senders: HashMap::new(),
             shared,
             clock: Instant::now(),
+            last_tick_ms: 0,
+            high_watermarks: Arc::new(Mutex::new(HashMap::new())),
             ready,
         };
         let outbox = pipeline.store.outbox().await?;
@@ -324,12 +355,7 @@ impl Pipeline {
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let pending = Arc::new(AtomicUsize::new(0));
-                let task = tokio::spawn(run_sender(
-                    partition,
-                    rx,
-                    Arc::clone(&pending),
-                    shared.clone(),
-                ));
+                let task = tokio::spawn(run_sender(partition, rx, Arc::clone(&pending), shared.clone()));
                 (SenderHandle { tx, pending }, task)
             })
             .0
@@ -364,6 +390,10 @@ impl Pipeline {
                 sender: self.sender(partition),
             };
             self.partitions.insert(partition, work);
+            self.high_watermarks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(partition, (-1, 0));
         }
         self.partitions.get_mut(&partition).expect("inserted above")
     }
@@ -371,22 +401,36 @@ impl Pipeline {
     /// Runs until `shutdown` resolves, then drains (checkpoint, deliver, commit).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let consumer = Arc::clone(&self.consumer);
+        let watcher = tokio::spawn(watch_high_watermarks(
+            Arc::clone(&self.consumer),
+            self.settings.kafka_topic.clone(),
+            Arc::clone(&self.high_watermarks),
+            self.clock,
+        ));
         let tick_ms = self.settings.batch_linger_ms.clamp(10, 100);
         let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
+                // Messages before the timer, so a stall is followed by reading what waits, not
+                // by idle flushes; the timer still runs under sustained load (checked below).
                 biased;
                 _ = &mut shutdown => break,
                 Some(event) = self.rebalances.recv() => self.on_rebalance(event).await,
+                msg = consumer.recv() => {
+                    match msg {
+                        Ok(m) => self.on_message(&m).await,
+                        Err(e) => tracing::warn!(error = %e, "consumer error"),
+                    }
+                    if self.now_ms().saturating_sub(self.last_tick_ms) >= tick_ms {
+                        self.on_tick().await;
+                    }
+                }
                 _ = tick.tick() => self.on_tick().await,
-                msg = consumer.recv() => match msg {
-                    Ok(m) => self.on_message(&m).await,
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
-                },
             }
         }
+        watcher.abort();
         self.drain().await;
         Ok(())
     }
@@ -439,8 +483,7 @@ impl Pipeline {
         }
         if work.cleaner.has_released() {
             let released = work.cleaner.drain_released();
-            work.batcher
-                .extend(released.into_iter().map(|r| r.event), now);
+            work.batcher.extend(released.into_iter().map(|r| r.event), now);
         }
         if work.batcher.is_due(now) {
             self.checkpoint(partition, now).await;
@@ -449,17 +492,22 @@ impl Pipeline {
 
     async fn on_tick(&mut self) {
         let now = self.now_ms();
+        self.last_tick_ms = now;
         let interval = self.settings.checkpoint_interval_ms;
         let parts: Vec<i32> = self.partitions.keys().copied().collect();
         for p in parts {
+            let quiet_at = self.quiet_at(p);
             let Some(work) = self.partitions.get_mut(&p) else {
                 continue;
             };
-            work.cleaner.tick(now);
+            // Idle flush judged at a moment when nothing of the partition waited unread: after
+            // a restart, a stall or a pause, a device's next events may still be in the topic.
+            if let Some(at) = quiet_at {
+                work.cleaner.tick(at);
+            }
             if work.cleaner.has_released() {
                 let released = work.cleaner.drain_released();
-                work.batcher
-                    .extend(released.into_iter().map(|r| r.event), now);
+                work.batcher.extend(released.into_iter().map(|r| r.event), now);
             }
             let due = work.batcher.is_due(now)
                 || (work.batcher.is_empty()
@@ -473,17 +521,24 @@ impl Pipeline {
                     .unwrap_or(0);
                 (wall - wm) as f64 / 1000.0
             });
-            metrics::partition_gauges(
-                p,
-                work.cleaner.buffered_len(),
-                work.cleaner.dedup_len(),
-                delay,
-            );
+            metrics::partition_gauges(p, work.cleaner.buffered_len(), work.cleaner.dedup_len(), delay);
             if due {
                 self.checkpoint(p, now).await;
             }
             self.apply_backpressure(p);
         }
+    }
+
+    /// The latest processing time at which the partition had nothing unread: the time a high
+    /// watermark was asked for, if everything below it has been read since.
+    fn quiet_at(&self, partition: i32) -> Option<u64> {
+        let work = self.partitions.get(&partition)?;
+        let (high, asked_at) = *self
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&partition)?;
+        (high >= 0 && work.next_offset >= high).then_some(asked_at)
     }
 
     /// Pauses a partition whose outbox is full; resumes it once half has drained.
@@ -519,10 +574,7 @@ impl Pipeline {
             let _ = h.await;
         }
         failpoint::hit("after_consume_before_checkpoint");
-        let resume_offset = work
-            .cleaner
-            .min_buffered_offset()
-            .unwrap_or(work.next_offset);
+        let resume_offset = work.cleaner.min_buffered_offset().unwrap_or(work.next_offset);
         let changes = work.cleaner.take_changes();
         let batches: Vec<OutboxBatch> = work
             .batcher
@@ -537,9 +589,7 @@ impl Pipeline {
                     seq,
                     resume_offset,
                     events: events.len(),
-                    body: serde_json::to_vec(&events)
-                        .expect("events serialize")
-                        .into(),
+                    body: serde_json::to_vec(&events).expect("events serialize").into(),
                 }
             })
             .collect();
@@ -604,8 +654,7 @@ impl Pipeline {
         }
         self.partitions.clear();
         let deadline = Instant::now() + Duration::from_millis(self.settings.shutdown_timeout_ms);
-        let senders: Vec<(SenderHandle, JoinHandle<()>)> =
-            self.senders.drain().map(|(_, s)| s).collect();
+        let senders: Vec<(SenderHandle, JoinHandle<()>)> = self.senders.drain().map(|(_, s)| s).collect();
         let mut tasks = Vec::new();
         for (handle, task) in senders {
             drop(handle);

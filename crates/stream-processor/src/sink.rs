@@ -127,9 +127,7 @@ pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
     let cap = exp.min(max).max(Duration::from_millis(1));
     let half = cap / 2;
-    half + cap
-        .saturating_sub(half)
-        .mul_f64(rand::rng().random::<f64>())
+    half + cap.saturating_sub(half).mul_f64(rand::rng().random::<f64>())
 }
 
 #[cfg(test)]
@@ -141,20 +139,14 @@ mod tests {
         let (min, max) = (Duration::from_millis(100), Duration::from_millis(1000));
         for _ in 0..50 {
             let first = backoff(min, max, 1);
-            assert!(
-                first >= Duration::from_millis(50) && first <= min,
-                "{first:?}"
-            );
+            assert!(first >= Duration::from_millis(50) && first <= min, "{first:?}");
             let third = backoff(min, max, 3);
             assert!(
                 third >= Duration::from_millis(200) && third <= Duration::from_millis(400),
                 "{third:?}"
             );
             let late = backoff(min, max, 30);
-            assert!(
-                late >= Duration::from_millis(500) && late <= max,
-                "{late:?}"
-            );
+            assert!(late >= Duration::from_millis(500) && late <= max, "{late:?}");
         }
     }
 }

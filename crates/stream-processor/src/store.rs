@@ -130,8 +130,7 @@ impl StateStore {
     pub async fn resume_offsets(&self) -> Result<HashMap<i32, i64>> {
         let topic = self.topic.clone();
         self.call(move |c| {
-            let mut stmt =
-                c.prepare("SELECT partition, resume_offset FROM partitions WHERE topic = ?1")?;
+            let mut stmt = c.prepare("SELECT partition, resume_offset FROM partitions WHERE topic = ?1")?;
             let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })
@@ -249,11 +248,8 @@ impl StateStore {
 
     /// Removes a batch the sink acknowledged.
     pub async fn remove_outbox(&self, id: String) -> Result<()> {
-        self.call(move |c| {
-            c.execute("DELETE FROM outbox WHERE id = ?1", [id])
-                .map(|_| ())
-        })
-        .await
+        self.call(move |c| c.execute("DELETE FROM outbox WHERE id = ?1", [id]).map(|_| ()))
+            .await
     }
 }
 
@@ -329,10 +325,7 @@ mod tests {
             store.remove_outbox("t-0-0".into()).await.unwrap();
         }
         let store = StateStore::open(&path, "t").unwrap();
-        assert_eq!(
-            store.resume_offsets().await.unwrap(),
-            HashMap::from([(0, 9)])
-        );
+        assert_eq!(store.resume_offsets().await.unwrap(), HashMap::from([(0, 9)]));
         let state = store.load_partition(0).await.unwrap();
         assert_eq!(state.next_seq, 2);
         assert_eq!(
@@ -345,17 +338,9 @@ mod tests {
                 }
             )]
         );
-        assert_eq!(
-            state.keys.iter().map(|k| k.ts).collect::<Vec<_>>(),
-            vec![40]
-        );
+        assert_eq!(state.keys.iter().map(|k| k.ts).collect::<Vec<_>>(), vec![40]);
         let outbox = store.outbox().await.unwrap();
         assert_eq!(outbox, vec![batch(1)]);
-        assert!(store
-            .load_partition(3)
-            .await
-            .unwrap()
-            .resume_offset
-            .is_none());
+        assert!(store.load_partition(3).await.unwrap().resume_offset.is_none());
     }
 }

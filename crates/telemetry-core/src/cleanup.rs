@@ -160,10 +160,7 @@ impl Cleaner {
                 .devices
                 .entry(k.device_id)
                 .or_insert_with(|| Device::new(now_ms));
-            if d.seen
-                .insert(k.ts, (k.latitude_bits, k.longitude_bits))
-                .is_none()
-            {
+            if d.seen.insert(k.ts, (k.latitude_bits, k.longitude_bits)).is_none() {
                 c.seen += 1;
             }
         }
@@ -339,11 +336,7 @@ impl Release<'_> {
             self.released.push(Released { event, offset });
         }
         let floor = device.mark.max_ts.saturating_sub(horizon);
-        if device
-            .seen
-            .first_key_value()
-            .is_some_and(|(ts, _)| *ts < floor)
-        {
+        if device.seen.first_key_value().is_some_and(|(ts, _)| *ts < floor) {
             let kept = device.seen.split_off(&floor);
             *self.seen -= device.seen.len();
             device.seen = kept;
@@ -435,10 +428,7 @@ mod tests {
         c.process(ev("quiet", 10_000), 0, 100);
         c.process(ev("quiet", 9_000), 1, 200);
         c.tick(2_100);
-        assert!(
-            released_ts(&mut c).is_empty(),
-            "1.9 s of silence is not idle yet"
-        );
+        assert!(released_ts(&mut c).is_empty(), "1.9 s of silence is not idle yet");
         c.tick(2_200);
         assert_eq!(released_ts(&mut c), vec![9_000, 10_000]);
         assert_eq!(c.min_buffered_offset(), None);
@@ -480,10 +470,7 @@ mod tests {
                 }
             )]
         );
-        assert_eq!(
-            ch.new_keys.iter().map(|k| k.ts).collect::<Vec<_>>(),
-            vec![100]
-        );
+        assert_eq!(ch.new_keys.iter().map(|k| k.ts).collect::<Vec<_>>(), vec![100]);
         assert_eq!(c.take_changes(), Changes::default());
     }
 
@@ -545,10 +532,7 @@ mod tests {
             );
         }
         got.sort();
-        let mut want: Vec<(String, i64)> = distinct
-            .iter()
-            .map(|e| (e.device_id.clone(), e.ts))
-            .collect();
+        let mut want: Vec<(String, i64)> = distinct.iter().map(|e| (e.device_id.clone(), e.ts)).collect();
         want.sort();
         assert_eq!(got, want);
     }

@@ -78,10 +78,7 @@ impl Event {
                     }
                     ts
                 } else if n.is_u64() {
-                    return Err(ValidationError::new(
-                        "ts",
-                        "must fit in a signed 64-bit integer",
-                    ));
+                    return Err(ValidationError::new("ts", "must fit in a signed 64-bit integer"));
                 } else {
                     return Err(ValidationError::new(
                         "ts",
@@ -124,16 +121,11 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Event>, ParseError> {
     items
         .iter()
         .enumerate()
-        .map(|(index, item)| {
-            Event::from_value(item).map_err(|error| ParseError::Item { index, error })
-        })
+        .map(|(index, item)| Event::from_value(item).map_err(|error| ParseError::Item { index, error }))
         .collect()
 }
 
-fn required<'a>(
-    object: &'a Map<String, Value>,
-    field: &'static str,
-) -> Result<&'a Value, ValidationError> {
+fn required<'a>(object: &'a Map<String, Value>, field: &'static str) -> Result<&'a Value, ValidationError> {
     match object.get(field) {
         None | Some(Value::Null) => Err(ValidationError::new(field, "is required")),
         Some(v) => Ok(v),
@@ -152,10 +144,7 @@ fn number(object: &Map<String, Value>, field: &'static str) -> Result<f64, Valid
 fn check_device_id(device_id: &str) -> Result<(), ValidationError> {
     let chars = device_id.chars().count();
     if chars == 0 || chars > MAX_DEVICE_ID_CHARS {
-        return Err(ValidationError::new(
-            "deviceId",
-            "must be 1 to 128 characters",
-        ));
+        return Err(ValidationError::new("deviceId", "must be 1 to 128 characters"));
     }
     if device_id.chars().any(char::is_control) {
         return Err(ValidationError::new(
@@ -250,10 +239,7 @@ mod tests {
         };
         assert_eq!(field_of(json!([1])), "$");
         assert_eq!(field_of(with("deviceId", json!(""))), "deviceId");
-        assert_eq!(
-            field_of(with("deviceId", json!("a".repeat(129)))),
-            "deviceId"
-        );
+        assert_eq!(field_of(with("deviceId", json!("a".repeat(129)))), "deviceId");
         assert_eq!(field_of(with("deviceId", json!("a\nb"))), "deviceId");
         assert_eq!(field_of(with("deviceId", json!(5))), "deviceId");
         assert_eq!(field_of(with("ts", json!(-1))), "ts");

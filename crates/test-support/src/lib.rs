@@ -45,9 +45,7 @@ fn run_broker_script(
     if let Some(d) = data {
         cmd.env("BROKER_DATA", d);
     }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running scripts/broker: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("running scripts/broker: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "scripts/broker {action}: {}",
@@ -102,14 +100,12 @@ impl PrivateBroker {
 
     /// Stops the broker process (its data stays).
     pub fn stop(&self) {
-        run_broker_script("stop", Some(self.port), Some(&self.data.0))
-            .expect("stop private broker");
+        run_broker_script("stop", Some(self.port), Some(&self.data.0)).expect("stop private broker");
     }
 
     /// Starts it again on the same port and data directory.
     pub fn resume(&self) {
-        run_broker_script("start", Some(self.port), Some(&self.data.0))
-            .expect("start private broker");
+        run_broker_script("start", Some(self.port), Some(&self.data.0)).expect("start private broker");
     }
 }
 
@@ -158,12 +154,7 @@ pub fn reader(brokers: &str, topic: &str) -> BaseConsumer {
 }
 
 /// Reads `topic` from the beginning until `expected` messages arrived or `timeout` passed.
-pub fn consume(
-    brokers: &str,
-    topic: &str,
-    expected: usize,
-    timeout: Duration,
-) -> Vec<OwnedMessage> {
+pub fn consume(brokers: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
     let consumer = reader(brokers, topic);
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
@@ -197,4 +188,36 @@ pub fn payload_json(msg: &OwnedMessage) -> serde_json::Value {
 /// The message key as text.
 pub fn key_str(msg: &OwnedMessage) -> String {
     String::from_utf8(msg.key().expect("key").to_vec()).expect("utf-8 key")
+}
+
+/// Creates a topic with `partitions` partitions (fine if it exists).
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    service_common::kafka::ensure_topic(brokers, topic, partitions, 1)
+        .await
+        .expect("create topic");
+}
+
+/// Produces keyed raw payloads in order (idempotent, acks=all, murmur2 like the proxy), waiting
+/// for every acknowledgement.
+pub async fn produce(brokers: &str, topic: &str, records: &[(Option<String>, Vec<u8>)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let mut waits = Vec::with_capacity(records.len());
+    for (key, payload) in records {
+        let mut record = FutureRecord::to(topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        waits.push(producer.send_result(record).map_err(|(e, _)| e).expect("enqueue"));
+    }
+    for w in futures::future::join_all(waits).await {
+        w.expect("delivery canceled").expect("delivery failed");
+    }
 }
