@@ -17,3 +17,11 @@ pub(crate) fn batch(replayed: bool, rows: usize) {
     counter!("ingest_api_batches_total", "replayed" => if replayed { "true" } else { "false" }).increment(1);
     rows_inserted(rows);
 }
+
+/// Registers the series at zero, so dashboards and alerts see them before the first write.
+pub(crate) fn init() {
+    rows_inserted(0);
+    for replayed in ["true", "false"] {
+        counter!("ingest_api_batches_total", "replayed" => replayed).increment(0);
+    }
+}

@@ -28,6 +28,7 @@ impl Application {
         let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
         // Make the metric families exist from the start.
         let _ = service_common::metrics_handle();
+        crate::metrics::init();
         tracing::info!(
             addr = %listener.local_addr()?,
             database = %settings.database_path.display(),

@@ -21,3 +21,12 @@ pub(crate) fn in_flight(n: usize) {
 pub(crate) fn broker_up(up: bool) {
     gauge!("ingest_proxy_broker_up").set(if up { 1.0 } else { 0.0 });
 }
+
+/// Registers the series at zero, so dashboards and alerts see them before the first event.
+pub(crate) fn init() {
+    for outcome in ["accepted", "invalid", "rejected"] {
+        counter!("ingest_proxy_events_total", "outcome" => outcome).increment(0);
+    }
+    in_flight(0);
+    broker_up(false);
+}

@@ -27,6 +27,7 @@ impl Application {
         let publisher = Arc::new(Publisher::new(&settings)?);
         let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
         let _ = service_common::metrics_handle();
+        crate::metrics::init();
         let ready = Arc::new(AtomicBool::new(false));
         let settings = Arc::new(settings);
         tokio::spawn(watch_broker(

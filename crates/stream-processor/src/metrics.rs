@@ -77,3 +77,18 @@ pub(crate) fn lag(partition: i32, lag: i64) {
 pub(crate) fn restart_to_first_batch(seconds: f64) {
     gauge!("stream_processor_restart_to_first_batch_seconds").set(seconds);
 }
+
+/// Registers every labelled counter at zero, so dashboards and alerts see the series before the
+/// first event of each kind.
+pub(crate) fn init() {
+    for outcome in ["consumed", "duplicate", "conflict", "late", "invalid", "emitted"] {
+        counter!("stream_processor_events_total", "outcome" => outcome).increment(0);
+    }
+    for result in ["ok", "replayed", "retryable", "rejected"] {
+        counter!("stream_processor_sink_requests_total", "result" => result).increment(0);
+    }
+    for reason in ["late", "invalid", "sink_refused"] {
+        counter!("stream_processor_dlq_messages_total", "reason" => reason).increment(0);
+    }
+    counter!("stream_processor_sink_retries_total").increment(0);
+}

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -41,6 +42,9 @@ pub enum Rebalanced {
 pub struct Ctx {
     topic: String,
     resume: Arc<Mutex<HashMap<i32, i64>>>,
+    /// Partitions this member owns now; offsets are committed only for these (a commit before
+    /// the group is joined is fenced by the broker, fatally, under static membership).
+    assigned: Assigned,
     events: mpsc::UnboundedSender<Rebalanced>,
 }
 
@@ -69,11 +73,15 @@ impl ConsumerContext for Ctx {
                 }
             }
             Rebalance::Revoke(tpl) => {
-                let parts = tpl
+                let parts: Vec<i32> = tpl
                     .elements_for_topic(&self.topic)
                     .iter()
                     .map(|e| e.partition())
                     .collect();
+                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                for p in &parts {
+                    assigned.remove(p);
+                }
                 let _ = self.events.send(Rebalanced::Revoked(parts));
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -88,6 +96,10 @@ impl ConsumerContext for Ctx {
                 .map(|e| e.partition())
                 .collect();
             tracing::info!(partitions = ?parts, "partitions assigned");
+            self.assigned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(parts.iter().copied());
             let _ = self.events.send(Rebalanced::Assigned(parts));
         }
     }
@@ -95,15 +107,20 @@ impl ConsumerContext for Ctx {
 
 pub type KafkaConsumer = StreamConsumer<Ctx>;
 
+/// The partitions currently assigned to this member.
+pub type Assigned = Arc<Mutex<std::collections::HashSet<i32>>>;
+
 /// Builds the consumer: group with static membership, auto-commit off, statistics for lag.
 pub fn consumer(
     settings: &Settings,
     resume: Arc<Mutex<HashMap<i32, i64>>>,
+    assigned: Assigned,
 ) -> anyhow::Result<(KafkaConsumer, mpsc::UnboundedReceiver<Rebalanced>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let ctx = Ctx {
         topic: settings.kafka_topic.clone(),
         resume,
+        assigned,
         events: tx,
     };
     let consumer: KafkaConsumer = rdkafka::ClientConfig::new()
@@ -121,8 +138,16 @@ pub fn consumer(
     Ok((consumer, rx))
 }
 
-/// Commits `offset` (the next offset to read) for one partition, without waiting.
-fn commit(consumer: &KafkaConsumer, topic: &str, partition: i32, offset: i64) {
+/// Commits `offset` (the next offset to read) for one partition, without waiting, if this
+/// member owns the partition now (otherwise a later commit, or the state store, covers it).
+fn commit(consumer: &KafkaConsumer, assigned: &Assigned, topic: &str, partition: i32, offset: i64) {
+    if !assigned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&partition)
+    {
+        return;
+    }
     let mut tpl = TopicPartitionList::new();
     if tpl
         .add_partition_offset(topic, partition, Offset::Offset(offset))
@@ -178,6 +203,7 @@ struct SenderShared {
     store: StateStore,
     dlq: Arc<DeadLetters>,
     consumer: Arc<KafkaConsumer>,
+    assigned: Assigned,
     topic: String,
     cancel: CancellationToken,
     started: Instant,
@@ -236,7 +262,7 @@ async fn run_sender(
             fatal("removing a delivered batch from the outbox failed", e);
         }
         failpoint::hit("after_outbox_clear_before_commit");
-        commit(&s.consumer, &s.topic, partition, batch.resume_offset);
+        commit(&s.consumer, &s.assigned, &s.topic, partition, batch.resume_offset);
         let n = pending.fetch_sub(1, Ordering::SeqCst) - 1;
         metrics::outbox(partition, n);
     }
@@ -292,7 +318,8 @@ impl Pipeline {
         ready: Arc<AtomicBool>,
     ) -> anyhow::Result<Pipeline> {
         let resume = Arc::new(Mutex::new(store.resume_offsets().await?));
-        let (consumer, rebalances) = consumer(&settings, Arc::clone(&resume))?;
+        let assigned: Assigned = Arc::default();
+        let (consumer, rebalances) = consumer(&settings, Arc::clone(&resume), Arc::clone(&assigned))?;
         let consumer = Arc::new(consumer);
         let dlq = Arc::new(DeadLetters::new(
             &settings.kafka_brokers,
@@ -310,6 +337,7 @@ impl Pipeline {
             store: store.clone(),
             dlq: Arc::clone(&dlq),
             consumer: Arc::clone(&consumer),
+            assigned,
             topic: settings.kafka_topic.clone(),
             cancel: CancellationToken::new(),
             started: Instant::now(),
@@ -421,6 +449,9 @@ impl Pipeline {
                 msg = consumer.recv() => {
                     match msg {
                         Ok(m) => self.on_message(&m).await,
+                        Err(KafkaError::MessageConsumptionFatal(code)) => {
+                            fatal("the consumer failed fatally", code)
+                        }
                         Err(e) => tracing::warn!(error = %e, "consumer error"),
                     }
                     if self.now_ms().saturating_sub(self.last_tick_ms) >= tick_ms {
@@ -612,7 +643,13 @@ impl Pipeline {
         work.last_checkpoint_ms = now;
         failpoint::hit("after_checkpoint_before_post");
         if batches.is_empty() && work.sender.pending.load(Ordering::SeqCst) == 0 {
-            commit(&self.consumer, &topic, partition, resume_offset);
+            commit(
+                &self.consumer,
+                &self.shared.assigned,
+                &topic,
+                partition,
+                resume_offset,
+            );
         }
         for b in batches {
             metrics::emitted(b.events);

@@ -24,6 +24,7 @@ impl Application {
         crate::failpoint::arm(settings.failpoint.as_deref(), settings.failpoint_hit)
             .map_err(anyhow::Error::msg)?;
         let _ = service_common::metrics_handle();
+        crate::metrics::init();
         let store = StateStore::open(&settings.state_path, &settings.kafka_topic)
             .with_context(|| format!("opening state store {}", settings.state_path.display()))?;
         for topic in [&settings.kafka_topic, &settings.dlq_topic] {
