@@ -40,12 +40,19 @@ pub struct Settings {
     /// Largest page size of `GET /events` (larger answers 400).
     #[arg(long, env = "MAX_PAGE_SIZE", default_value_t = 1000)]
     pub max_page_size: u64,
+    /// Longest wait for a request body to arrive, in milliseconds (then 408).
+    #[arg(long, env = "BODY_TIMEOUT_MS", default_value_t = 5_000)]
+    pub body_timeout_ms: u64,
     /// Longest a request may take, body included, in milliseconds (then 408).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
 }
 
 impl Settings {
+    pub fn body_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.body_timeout_ms)
+    }
+
     /// Reads the environment only (no command-line arguments); a bad value exits with one line
     /// naming the variable.
     pub fn from_env() -> Self {

@@ -68,7 +68,7 @@ async fn post_event(
     body: Body,
 ) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
-    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
     let event = Event::from_json(&bytes)?;
     let stored = state.store.insert_one(event).await.map_err(store_error)?;
     Ok((StatusCode::CREATED, Json(stored)).into_response())
@@ -102,7 +102,7 @@ async fn post_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
-    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
     let key = idempotency_key(&headers, &bytes)?;
     let events = parse_batch(&bytes)?;
     if events.len() > state.settings.max_batch_len {

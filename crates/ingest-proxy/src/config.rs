@@ -45,15 +45,26 @@ pub struct Settings {
     /// Most events in one `POST /events/batch` (more answers 413).
     #[arg(long, env = "MAX_BATCH_LEN", default_value_t = 10_000)]
     pub max_batch_len: usize,
+    /// Longest wait for a request body to arrive, in milliseconds (then 408).
+    #[arg(long, env = "BODY_TIMEOUT_MS", default_value_t = 5_000)]
+    pub body_timeout_ms: u64,
     /// Longest a request may take, body included, in milliseconds (then 408).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
     pub request_timeout_ms: u64,
+    /// When set, `POST` requests must carry `Authorization: Bearer <token>` (else 401).
+    /// Unset means open, as the exercise has it.
+    #[arg(long, env = "INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<String>,
     /// How often `/readyz` re-checks the broker, in milliseconds.
     #[arg(long, env = "READY_CHECK_INTERVAL_MS", default_value_t = 1_000)]
     pub ready_check_interval_ms: u64,
 }
 
 impl Settings {
+    pub fn body_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.body_timeout_ms)
+    }
+
     /// Reads the environment only; a bad value exits with one line naming the variable.
     pub fn from_env() -> Self {
         Settings::parse_from(std::iter::once("ingest-proxy"))

@@ -28,9 +28,12 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let ingest = Router::new()
         .route("/event", post(post_event))
         .route("/events/batch", post(post_batch))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(ingest)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -40,6 +43,36 @@ pub fn router(state: AppState) -> Router {
             service_common::track_requests("ingest_proxy", req, next)
         }))
         .with_state(state)
+}
+
+/// With INGEST_TOKEN set, only requests with `Authorization: Bearer <token>` get through.
+async fn require_token(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.settings.ingest_token {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            let mut e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid bearer token is required",
+            );
+            e.field = Some("authorization");
+            return Err(e);
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn unavailable(err: &PublishError, settings: &Settings) -> ApiError {
@@ -52,7 +85,7 @@ async fn post_event(
     body: Body,
 ) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
-    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
     let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events("invalid", 1))?;
     let result = state
         .publisher
@@ -116,7 +149,7 @@ async fn post_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = require_json(&headers, true)?;
-    let bytes = read_body(body, state.settings.max_body_bytes).await?;
+    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
     let items = parse_items(&bytes, kind)?;
     if items.len() > state.settings.max_batch_len {
         return Err(ApiError::new(

@@ -5,6 +5,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use bytes::Bytes;
 use http_body_util::LengthLimitError;
+use std::time::Duration;
 
 use crate::ApiError;
 
@@ -49,17 +50,33 @@ pub fn require_json(headers: &HeaderMap, ndjson_ok: bool) -> Result<BodyKind, Ap
     Err(e)
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413 and an empty body with 400.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
-        // to_bytes reports both "too large" and transport errors; tell them apart.
-        let too_large = err.into_inner().downcast_ref::<LengthLimitError>().is_some();
-        if too_large {
+/// Reads the whole body, refusing more than `limit` bytes with 413, a body not complete within
+/// `timeout` with 408 (a slow client holds no resources for long) and an empty body with 400.
+pub async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
+    };
+    // A declared Content-Length over the limit is refused before reading anything.
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("request body exceeds {limit} bytes"),
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("request body not received within {} ms", timeout.as_millis()),
             )
+        })?;
+    let bytes = read.map_err(|err| {
+        // to_bytes reports both "too large" and transport errors; tell them apart.
+        if err.into_inner().downcast_ref::<LengthLimitError>().is_some() {
+            too_large()
         } else {
             ApiError::bad_request("body_read_failed", "could not read request body")
         }

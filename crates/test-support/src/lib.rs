@@ -1,5 +1,8 @@
 //! Helpers for integration tests that need the real test broker: finding or starting it,
-//! private brokers that a test may stop, unique names, and reading a topic back.
+//! private brokers that a test may stop, unique names, and reading a topic back; and the
+//! hostile-input cases for the HTTP services.
+
+pub mod hostile;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,0 +1,68 @@
+//! Hostile input against ingest-api: each case gets its 4xx with a JSON body, the service stays
+//! up, and valid events sent at the same time are all stored.
+
+use std::time::Duration;
+
+use ingest_api::{Application, Settings};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_refused_while_valid_events_are_all_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::for_tests(dir.path().join("api.db"));
+    settings.body_timeout_ms = 800;
+    let app = Application::build(settings).await.unwrap();
+    let port = app.port();
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let base = format!("http://127.0.0.1:{port}");
+
+    let valid = {
+        let base = base.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for ts in 0..300 {
+                let ev = json!({"deviceId": "steady", "ts": ts, "latitude": 1.0, "longitude": 2.0});
+                let r = client
+                    .post(format!("{base}/event"))
+                    .json(&ev)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    test_support::hostile::run_all(addr, "/event", Duration::from_secs(5)).await;
+    test_support::hostile::run_all(addr, "/events/batch", Duration::from_secs(5)).await;
+    valid.await.unwrap();
+
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let page: Value = client
+        .get(format!("{base}/events?size=1000"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        page["total"], 300,
+        "only the valid events are stored, all of them"
+    );
+    assert!(page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["deviceId"] == "steady"));
+}
