@@ -29,6 +29,11 @@ pub struct AppState {
     pub settings: Arc<Settings>,
 }
 
+const REQUEST_METRICS: service_common::RequestMetrics = service_common::RequestMetrics {
+    requests: "ingest_api_http_requests_total",
+    duration: "ingest_api_http_request_duration_seconds",
+};
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/event", post(post_event))
@@ -39,7 +44,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(|req, next| {
-            service_common::track_requests("ingest_api", req, next)
+            service_common::track_requests(REQUEST_METRICS, req, next)
         }))
         .with_state(state)
 }

@@ -27,6 +27,11 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
 }
 
+const REQUEST_METRICS: service_common::RequestMetrics = service_common::RequestMetrics {
+    requests: "ingest_proxy_http_requests_total",
+    duration: "ingest_proxy_http_request_duration_seconds",
+};
+
 pub fn router(state: AppState) -> Router {
     let ingest = Router::new()
         .route("/event", post(post_event))
@@ -40,7 +45,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(|req, next| {
-            service_common::track_requests("ingest_proxy", req, next)
+            service_common::track_requests(REQUEST_METRICS, req, next)
         }))
         .with_state(state)
 }

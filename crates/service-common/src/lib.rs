@@ -9,4 +9,4 @@ pub mod observe;
 
 pub use body::{read_body, require_json, BodyKind};
 pub use error::ApiError;
-pub use observe::{init_tracing, metrics_handle, shutdown_signal, track_requests};
+pub use observe::{init_tracing, metrics_handle, shutdown_signal, track_requests, RequestMetrics};

@@ -54,9 +54,17 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Middleware: counts requests by route and status and times them, under the given prefix
-/// (`<prefix>_http_requests_total`, `<prefix>_http_request_duration_seconds`).
-pub async fn track_requests(prefix: &'static str, req: Request, next: Next) -> Response {
+/// The names of a service's request metrics (static: no formatting per request).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestMetrics {
+    /// Counter by route, method and status, e.g. `ingest_api_http_requests_total`.
+    pub requests: &'static str,
+    /// Latency histogram by route, e.g. `ingest_api_http_request_duration_seconds`.
+    pub duration: &'static str,
+}
+
+/// Middleware: counts requests by route, method and status and times them by route.
+pub async fn track_requests(names: RequestMetrics, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -66,10 +74,8 @@ pub async fn track_requests(prefix: &'static str, req: Request, next: Next) -> R
     let start = Instant::now();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!(format!("{prefix}_http_requests_total"), "route" => route.clone(), "method" => method, "status" => status)
-        .increment(1);
-    metrics::histogram!(format!("{prefix}_http_request_duration_seconds"), "route" => route)
-        .record(start.elapsed().as_secs_f64());
+    metrics::histogram!(names.duration, "route" => route.clone()).record(start.elapsed().as_secs_f64());
+    metrics::counter!(names.requests, "route" => route, "method" => method, "status" => status).increment(1);
     response
 }
 
