@@ -68,7 +68,8 @@ pub struct Settings {
     #[arg(long, env = "SINK_TIMEOUT_MS", default_value_t = 10_000)]
     pub sink_timeout_ms: u64,
     /// Outbox batches per partition awaiting the sink before that partition's consumption pauses.
-    #[arg(long, env = "MAX_OUTBOX_PER_PARTITION", default_value_t = 8)]
+    /// Pausing drops what librdkafka prefetched for the partition, so it is a last resort.
+    #[arg(long, env = "MAX_OUTBOX_PER_PARTITION", default_value_t = 128)]
     pub max_outbox_per_partition: usize,
     /// Longest a state-only checkpoint (offsets, watermarks) may be put off (ms).
     #[arg(long, env = "CHECKPOINT_INTERVAL_MS", default_value_t = 1_000)]

@@ -133,6 +133,10 @@ pub fn consumer(
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
         .set("fetch.wait.max.ms", "50")
+        // Ask for modest fetches, but accept large ones: the test broker answers a fetch with
+        // everything it has, past fetch.max.bytes.
+        .set("fetch.max.bytes", "16777216")
+        .set("receive.message.max.bytes", "1073741824")
         .create_with_context(ctx)?;
     consumer.subscribe(&[&settings.kafka_topic])?;
     Ok((consumer, rx))
@@ -296,6 +300,8 @@ pub struct Pipeline {
     shared: SenderShared,
     clock: Instant,
     last_tick_ms: u64,
+    /// Checkpoints queued at the store and not yet committed, at most a few.
+    checkpoint_slots: Arc<tokio::sync::Semaphore>,
     /// Per partition: the high watermark and the processing time it was asked for.
     high_watermarks: Arc<Mutex<HashMap<i32, (i64, u64)>>>,
     ready: Arc<AtomicBool>,
@@ -355,6 +361,7 @@ impl Pipeline {
             shared,
             clock: Instant::now(),
             last_tick_ms: 0,
+            checkpoint_slots: Arc::new(tokio::sync::Semaphore::new(4)),
             high_watermarks: Arc::new(Mutex::new(HashMap::new())),
             ready,
         };
@@ -631,29 +638,40 @@ impl Pipeline {
             resume_offset,
             next_seq: work.next_seq,
         };
-        match self.store.checkpoint(cp).await {
-            Ok(seconds) => metrics::checkpoint(seconds),
-            Err(e) => fatal("checkpoint failed", e),
-        }
-        self.resume
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(partition, resume_offset);
         work.dirty = false;
         work.last_checkpoint_ms = now;
-        failpoint::hit("after_checkpoint_before_post");
-        if batches.is_empty() && work.sender.pending.load(Ordering::SeqCst) == 0 {
-            commit(
-                &self.consumer,
-                &self.shared.assigned,
-                &topic,
-                partition,
-                resume_offset,
-            );
-        }
-        for b in batches {
-            metrics::emitted(b.events);
-            work.sender.push(partition, b);
+        // The main loop goes on reading while the store commits; what must follow the commit
+        // (resume offset, handing batches to the sender, committing to Kafka) runs after it,
+        // on the store's thread, in checkpoint order. A bounded number wait at once.
+        let slot = Arc::clone(&self.checkpoint_slots)
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let sender = work.sender.clone();
+        let resume = Arc::clone(&self.resume);
+        let consumer = Arc::clone(&self.consumer);
+        let assigned = Arc::clone(&self.shared.assigned);
+        let queued = self.store.checkpoint_then(cp, move |result| {
+            let _slot = slot;
+            match result {
+                Ok(seconds) => metrics::checkpoint(seconds),
+                Err(e) => fatal("checkpoint failed", e),
+            }
+            resume
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(partition, resume_offset);
+            failpoint::hit("after_checkpoint_before_post");
+            if batches.is_empty() && sender.pending.load(Ordering::SeqCst) == 0 {
+                commit(&consumer, &assigned, &topic, partition, resume_offset);
+            }
+            for b in batches {
+                metrics::emitted(b.events);
+                sender.push(partition, b);
+            }
+        });
+        if let Err(e) = queued {
+            fatal("checkpoint could not be queued", e);
         }
         self.apply_backpressure(partition);
     }
@@ -690,6 +708,9 @@ impl Pipeline {
             self.checkpoint(p, now).await;
         }
         self.partitions.clear();
+        // Every queued checkpoint has committed (and handed its batches over) once all slots
+        // are free again.
+        let _all = self.checkpoint_slots.acquire_many(4).await.expect("never closed");
         let deadline = Instant::now() + Duration::from_millis(self.settings.shutdown_timeout_ms);
         let senders: Vec<(SenderHandle, JoinHandle<()>)> = self.senders.drain().map(|(_, s)| s).collect();
         let mut tasks = Vec::new();

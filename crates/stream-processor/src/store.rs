@@ -203,47 +203,26 @@ impl StateStore {
 
     /// Writes one checkpoint in one transaction; returns how long it took.
     pub async fn checkpoint(&self, cp: Checkpoint) -> Result<f64> {
+        let (tx, rx) = oneshot::channel();
+        self.checkpoint_then(cp, move |r| {
+            let _ = tx.send(r);
+        })?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues one checkpoint; `then` runs on the store's thread once it committed (or failed),
+    /// checkpoints in the order they were queued.
+    pub fn checkpoint_then(
+        &self,
+        cp: Checkpoint,
+        then: impl FnOnce(Result<f64>) + Send + 'static,
+    ) -> Result<()> {
         let topic = self.topic.clone();
-        self.call(move |c| {
-            let start = Instant::now();
-            let tx = c.transaction()?;
-            {
-                let p = cp.partition;
-                let mut put_batch = tx.prepare_cached(
-                    "INSERT INTO outbox (id, topic, partition, seq, resume_offset, events, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?;
-                for b in &cp.batches {
-                    put_batch.execute(params![b.id, topic, p, b.seq, b.resume_offset, b.events as i64, &b.body[..]])?;
-                }
-                let mut put_mark = tx.prepare_cached(
-                    "INSERT INTO devices (topic, partition, device_id, max_ts, released_max) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (topic, partition, device_id) DO UPDATE SET max_ts = excluded.max_ts, released_max = excluded.released_max",
-                )?;
-                for (device, mark) in &cp.changes.devices {
-                    put_mark.execute(params![topic, p, device, mark.max_ts, mark.released_max])?;
-                }
-                let mut put_key = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO dedup_keys (topic, partition, device_id, ts, latitude_bits, longitude_bits) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for k in &cp.changes.new_keys {
-                    put_key.execute(params![topic, p, k.device_id, k.ts, k.latitude_bits as i64, k.longitude_bits as i64])?;
-                }
-                let mut prune = tx.prepare_cached(
-                    "DELETE FROM dedup_keys WHERE topic = ?1 AND partition = ?2 AND device_id = ?3 AND ts < ?4",
-                )?;
-                for (device, below) in &cp.changes.pruned {
-                    prune.execute(params![topic, p, device, below])?;
-                }
-                tx.prepare_cached(
-                    "INSERT INTO partitions (topic, partition, resume_offset, next_seq) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (topic, partition) DO UPDATE SET resume_offset = excluded.resume_offset, next_seq = excluded.next_seq",
-                )?
-                .execute(params![topic, p, cp.resume_offset, cp.next_seq])?;
-            }
-            tx.commit()?;
-            Ok(start.elapsed().as_secs_f64())
-        })
-        .await
+        self.jobs
+            .send(Box::new(move |c| {
+                then(write_checkpoint(c, &topic, cp).map_err(StoreError::from))
+            }))
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Removes a batch the sink acknowledged.
@@ -251,6 +230,61 @@ impl StateStore {
         self.call(move |c| c.execute("DELETE FROM outbox WHERE id = ?1", [id]).map(|_| ()))
             .await
     }
+}
+
+fn write_checkpoint(c: &mut Connection, topic: &str, cp: Checkpoint) -> rusqlite::Result<f64> {
+    let start = Instant::now();
+    let tx = c.transaction()?;
+    {
+        let p = cp.partition;
+        let mut put_batch = tx.prepare_cached(
+            "INSERT INTO outbox (id, topic, partition, seq, resume_offset, events, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for b in &cp.batches {
+            put_batch.execute(params![
+                b.id,
+                topic,
+                p,
+                b.seq,
+                b.resume_offset,
+                b.events as i64,
+                &b.body[..]
+            ])?;
+        }
+        let mut put_mark = tx.prepare_cached(
+            "INSERT INTO devices (topic, partition, device_id, max_ts, released_max) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (topic, partition, device_id) DO UPDATE SET max_ts = excluded.max_ts, released_max = excluded.released_max",
+        )?;
+        for (device, mark) in &cp.changes.devices {
+            put_mark.execute(params![topic, p, device, mark.max_ts, mark.released_max])?;
+        }
+        let mut put_key = tx.prepare_cached(
+            "INSERT OR REPLACE INTO dedup_keys (topic, partition, device_id, ts, latitude_bits, longitude_bits) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for k in &cp.changes.new_keys {
+            put_key.execute(params![
+                topic,
+                p,
+                k.device_id,
+                k.ts,
+                k.latitude_bits as i64,
+                k.longitude_bits as i64
+            ])?;
+        }
+        let mut prune = tx.prepare_cached(
+            "DELETE FROM dedup_keys WHERE topic = ?1 AND partition = ?2 AND device_id = ?3 AND ts < ?4",
+        )?;
+        for (device, below) in &cp.changes.pruned {
+            prune.execute(params![topic, p, device, below])?;
+        }
+        tx.prepare_cached(
+            "INSERT INTO partitions (topic, partition, resume_offset, next_seq) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (topic, partition) DO UPDATE SET resume_offset = excluded.resume_offset, next_seq = excluded.next_seq",
+        )?
+        .execute(params![topic, p, cp.resume_offset, cp.next_seq])?;
+    }
+    tx.commit()?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 #[cfg(test)]
