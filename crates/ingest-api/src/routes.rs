@@ -40,9 +40,9 @@ pub fn router(state: AppState) -> Router {
         .route("/events/batch", post(post_batch))
         .route("/events", get(get_events))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/metrics", get(service_common::handlers::metrics))
+        .fallback(service_common::handlers::not_found)
+        .method_not_allowed_fallback(service_common::handlers::method_not_allowed)
         .layer(middleware::from_fn(|req, next| {
             service_common::track_requests(REQUEST_METRICS, req, next)
         }))
@@ -187,24 +187,4 @@ async fn healthz(State(state): State<AppState>) -> Response {
     } else {
         ApiError::unavailable("database is not answering", 1).into_response()
     }
-}
-
-async fn metrics() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        service_common::metrics_handle().render(),
-    )
-        .into_response()
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed on this route",
-    )
 }

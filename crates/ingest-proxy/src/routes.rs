@@ -41,9 +41,9 @@ pub fn router(state: AppState) -> Router {
         .merge(ingest)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/metrics", get(service_common::handlers::metrics))
+        .fallback(service_common::handlers::not_found)
+        .method_not_allowed_fallback(service_common::handlers::method_not_allowed)
         .layer(middleware::from_fn(|req, next| {
             service_common::track_requests(REQUEST_METRICS, req, next)
         }))
@@ -236,24 +236,4 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
         .into_response()
     }
-}
-
-async fn metrics() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        service_common::metrics_handle().render(),
-    )
-        .into_response()
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed on this route",
-    )
 }

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod error;
+pub mod handlers;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod observe;

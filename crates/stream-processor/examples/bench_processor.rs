@@ -131,7 +131,10 @@ fn spawn(bin: &str, envs: &[(&str, String)], log: &std::path::Path) -> Child {
     let f = std::fs::File::create(log).unwrap();
     let mut c = Command::new(bin);
     c.envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::from(f.try_clone().unwrap()))
         .stderr(Stdio::from(f));
     c.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"))

@@ -4,14 +4,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
 pub(crate) fn router(ready: Arc<AtomicBool>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(service_common::handlers::metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route(
             "/readyz",
@@ -29,12 +28,4 @@ pub(crate) fn router(ready: Arc<AtomicBool>) -> Router {
                 }
             }),
         )
-}
-
-async fn metrics() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        service_common::metrics_handle().render(),
-    )
-        .into_response()
 }
