@@ -220,5 +220,10 @@ pub async fn run_all(addr: SocketAddr, path: &str, bound: Duration) {
             case.name
         );
         assert!(elapsed < bound, "{}: answered after {elapsed:?}", case.name);
+        eprintln!(
+            "hostile {path} {}: {status} in {} ms",
+            case.name,
+            elapsed.as_millis()
+        );
     }
 }
