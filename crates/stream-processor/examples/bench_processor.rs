@@ -301,6 +301,20 @@ async fn main() {
     }
     let drain = start.elapsed().as_secs_f64();
     let proc_rate = events.len() as f64 / drain;
+    // Where the processor's time went, from its own metrics.
+    if let Ok(text) = reqwest::get("http://127.0.0.1:25002/metrics").await.and_then(|r| Ok(r.text())) {
+        let text = text.await.unwrap_or_default();
+        let value = |name: &str| -> f64 {
+            text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        };
+        println!(
+            "processor: {:.0} checkpoints taking {:.2} s in all, {:.0} sink requests taking {:.2} s in all",
+            value("stream_processor_checkpoint_duration_seconds_count"),
+            value("stream_processor_checkpoint_duration_seconds_sum"),
+            value("stream_processor_sink_request_duration_seconds_count"),
+            value("stream_processor_sink_request_duration_seconds_sum"),
+        );
+    }
     let _ = proc.kill();
     let _ = api.kill();
     println!("processor drain into ingest-api    {proc_rate:>10.0} events/s  ({drain:.1} s, from process start, idle flush {idle} ms)");
