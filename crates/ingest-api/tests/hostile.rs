@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ingest_api::{Application, Settings};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_refused_while_valid_events_are_all_stored() {
@@ -16,23 +16,7 @@ async fn hostile_input_is_refused_while_valid_events_are_all_stored() {
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     let base = format!("http://127.0.0.1:{port}");
 
-    let valid = {
-        let base = base.clone();
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for ts in 0..300 {
-                let ev = json!({"deviceId": "steady", "ts": ts, "latitude": 1.0, "longitude": 2.0});
-                let r = client
-                    .post(format!("{base}/event"))
-                    .json(&ev)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 201);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let valid = test_support::hostile::valid_traffic(base.clone(), 300, 201);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     test_support::hostile::run_all(addr, "/event", Duration::from_secs(5)).await;
     test_support::hostile::run_all(addr, "/events/batch", Duration::from_secs(5)).await;

@@ -31,22 +31,7 @@ async fn hostile_input_is_refused_while_valid_events_all_reach_the_topic() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let valid = {
-        let base = base.clone();
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for ts in 0..300 {
-                let ev = json!({"deviceId": "steady", "ts": ts, "latitude": 1.0, "longitude": 2.0});
-                let r = client
-                    .post(format!("{base}/event"))
-                    .json(&ev)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
-            }
-        })
-    };
+    let valid = test_support::hostile::valid_traffic(base.clone(), 300, 202);
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     test_support::hostile::run_all(addr, "/event", Duration::from_secs(5)).await;
     test_support::hostile::run_all(addr, "/events/batch", Duration::from_secs(5)).await;

@@ -302,10 +302,16 @@ async fn main() {
     let drain = start.elapsed().as_secs_f64();
     let proc_rate = events.len() as f64 / drain;
     // Where the processor's time went, from its own metrics.
-    if let Ok(text) = reqwest::get("http://127.0.0.1:25002/metrics").await.and_then(|r| Ok(r.text())) {
+    if let Ok(text) = reqwest::get("http://127.0.0.1:25002/metrics")
+        .await
+        .and_then(|r| Ok(r.text()))
+    {
         let text = text.await.unwrap_or_default();
         let value = |name: &str| -> f64 {
-            text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+            text.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
         };
         println!(
             "processor: {:.0} checkpoints taking {:.2} s in all, {:.0} sink requests taking {:.2} s in all",

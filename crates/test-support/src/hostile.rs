@@ -227,3 +227,26 @@ pub async fn run_all(addr: SocketAddr, path: &str, bound: Duration) {
         );
     }
 }
+
+/// Posts `n` valid events (`deviceId` "steady", ts 0..n) one after another while the hostile
+/// cases run, each of which must get `expect`.
+pub fn valid_traffic(base: String, n: i64, expect: u16) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for ts in 0..n {
+            let body = format!(r#"{{"deviceId":"steady","ts":{ts},"latitude":1.0,"longitude":2.0}}"#);
+            let addr: SocketAddr = base
+                .trim_start_matches("http://")
+                .parse()
+                .expect("base is http://ip:port");
+            let case = Case {
+                name: "valid event",
+                content_type: Some("application/json"),
+                send: Send::Whole(body.into_bytes()),
+                expect,
+            };
+            let (status, _, text) = send(addr, "/event", &case).await;
+            assert_eq!(status, expect, "valid event {ts}: {text:.200}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+}
