@@ -8,6 +8,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use service_common::kafka::HealingProducer;
 use telemetry_core::Event;
 use tokio::sync::Semaphore;
 
@@ -33,7 +34,7 @@ pub struct Ack {
 
 /// Producer, topic and in-flight bound.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: HealingProducer,
     topic: String,
     permits: Arc<Semaphore>,
     max_in_flight: usize,
@@ -79,9 +80,8 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
 
 impl Publisher {
     pub fn new(settings: &Settings) -> Result<Publisher, KafkaError> {
-        let producer: FutureProducer = producer_config(settings).create()?;
         Ok(Publisher {
-            producer,
+            producer: HealingProducer::new(producer_config(settings))?,
             topic: settings.kafka_topic.clone(),
             permits: Arc::new(Semaphore::new(settings.max_in_flight)),
             max_in_flight: settings.max_in_flight,
@@ -110,6 +110,7 @@ impl Publisher {
         };
         crate::metrics::in_flight(self.in_flight());
         let start = Instant::now();
+        let producer = self.current();
         let mut pending = Vec::with_capacity(events.len());
         let mut stopped = false;
         for event in events {
@@ -121,7 +122,7 @@ impl Publisher {
             let record = FutureRecord::to(&self.topic)
                 .key(event.device_id.as_bytes())
                 .payload(&payload);
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => pending.push(Some(delivery)),
                 Err((err, _)) => {
                     // Later events of the same device must not overtake this one.
@@ -158,17 +159,30 @@ impl Publisher {
             Ok(results) => results,
             Err(_) => vec![Err(PublishError::Timeout); events.len()],
         };
+        if results.iter().any(Result::is_err) {
+            self.producer.replace_if_fatal(&producer);
+        }
         crate::metrics::produce_latency(start.elapsed().as_secs_f64());
         drop(permit);
         crate::metrics::in_flight(self.in_flight());
         results
     }
 
+    fn current(&self) -> Arc<FutureProducer> {
+        self.producer.current()
+    }
+
+    /// Replaces the producer if librdkafka declared it dead (called by the readiness checker,
+    /// so an idle proxy recovers too).
+    pub fn heal(&self) {
+        self.producer.heal();
+    }
+
     /// True when the broker answers a metadata request for the topic within `timeout`.
     /// Blocking: call from a blocking thread.
     pub fn broker_reachable(&self, timeout: Duration) -> bool {
         match self
-            .producer
+            .current()
             .client()
             .fetch_metadata(Some(&self.topic), Timeout::After(timeout))
         {
@@ -182,7 +196,7 @@ impl Publisher {
 
     /// Waits until every produced event is acknowledged or `timeout` passes.
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+        if let Err(e) = self.current().flush(Timeout::After(timeout)) {
             tracing::error!(error = %e, "producer flush did not finish; unacknowledged events were answered 503");
         }
     }

@@ -92,9 +92,12 @@ async fn watch_broker(publisher: Arc<Publisher>, settings: Arc<Settings>, ready:
     loop {
         let p = Arc::clone(&publisher);
         let check_timeout = interval.max(Duration::from_millis(500));
-        let up = tokio::task::spawn_blocking(move || p.broker_reachable(check_timeout))
-            .await
-            .unwrap_or(false);
+        let up = tokio::task::spawn_blocking(move || {
+            p.heal();
+            p.broker_reachable(check_timeout)
+        })
+        .await
+        .unwrap_or(false);
         if ready.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("broker reachable, ready");

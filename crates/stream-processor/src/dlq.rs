@@ -7,7 +7,8 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use service_common::kafka::HealingProducer;
 
 /// Why a message went to the dead-letter topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ pub struct DeadLetter {
 
 /// Producer for the dead-letter topic.
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: HealingProducer,
     topic: String,
     source_topic: String,
 }
@@ -53,15 +54,15 @@ impl std::fmt::Debug for DeadLetters {
 
 impl DeadLetters {
     pub fn new(brokers: &str, topic: &str, source_topic: &str) -> Result<Self, KafkaError> {
-        let producer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
-            .create()?;
+            .set("message.timeout.ms", "30000");
         Ok(DeadLetters {
-            producer,
+            producer: HealingProducer::new(config)?,
             topic: topic.to_owned(),
             source_topic: source_topic.to_owned(),
         })
@@ -100,12 +101,14 @@ impl DeadLetters {
             if let Some(k) = &letter.key {
                 record = record.key(k);
             }
-            match self.producer.send(record, Duration::from_secs(5)).await {
+            let producer = self.producer.current();
+            match producer.send(record, Duration::from_secs(5)).await {
                 Ok(_) => {
                     crate::metrics::dead_lettered(letter.reason.as_str(), 1);
                     return;
                 }
                 Err((e, _)) => {
+                    self.producer.replace_if_fatal(&producer);
                     failures += 1;
                     let delay =
                         crate::sink::backoff(Duration::from_millis(100), Duration::from_secs(5), failures);
