@@ -104,6 +104,9 @@ fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-raw-{}", std::process::id()))
+        // As the processor: the test broker may answer a fetch past fetch.max.bytes.
+        .set("fetch.max.bytes", "16777216")
+        .set("receive.message.max.bytes", "1073741824")
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");

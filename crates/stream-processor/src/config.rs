@@ -49,7 +49,8 @@ pub struct Settings {
     /// Defaults to ALLOWED_LATENESS_MS.
     #[arg(long, env = "IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
-    /// Most events in one batch sent to the sink.
+    /// Events per batch sent to the sink. A release burst that tips a batch just past this
+    /// joins it rather than going alone, so a batch holds at most 1.5 times this.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 1_000)]
     pub batch_size: usize,
     /// Longest a released event waits for its batch to fill (ms).

@@ -377,4 +377,35 @@ mod tests {
         assert_eq!(outbox, vec![batch(1)]);
         assert!(store.load_partition(3).await.unwrap().resume_offset.is_none());
     }
+
+    #[tokio::test]
+    async fn many_keys_are_written_in_multi_row_inserts_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s.db"), "t").unwrap();
+        let keys: Vec<SeenKey> = (0..150)
+            .map(|ts| SeenKey {
+                device_id: format!("d{}", ts % 7),
+                ts,
+                latitude_bits: ts as u64,
+                longitude_bits: !(ts as u64),
+            })
+            .collect();
+        let changes = Changes {
+            new_keys: keys.clone(),
+            ..Changes::default()
+        };
+        store
+            .checkpoint(Checkpoint {
+                partition: 2,
+                batches: vec![],
+                changes,
+                resume_offset: 150,
+                next_seq: 0,
+            })
+            .await
+            .unwrap();
+        let mut back = store.load_partition(2).await.unwrap().keys;
+        back.sort_by_key(|k| k.ts);
+        assert_eq!(back, keys);
+    }
 }

@@ -37,9 +37,11 @@ impl<T> Batcher<T> {
             || (!self.waiting.is_empty() && now_ms.saturating_sub(self.oldest_at) >= self.linger_ms)
     }
 
-    /// Everything waiting, in order, as batches of at most `max_len`.
+    /// Everything waiting, in order, as batches of `max_len`; a remainder shorter than half of
+    /// `max_len` joins the last batch instead of going alone (so a burst that tips the count
+    /// just past the size does not produce a tiny batch; no batch exceeds 1.5 × `max_len`).
     pub fn take_batches(&mut self) -> Vec<Vec<T>> {
-        let mut out = Vec::new();
+        let mut out: Vec<Vec<T>> = Vec::new();
         let mut rest = std::mem::take(&mut self.waiting);
         while rest.len() > self.max_len {
             let tail = rest.split_off(self.max_len);
@@ -47,7 +49,10 @@ impl<T> Batcher<T> {
             rest = tail;
         }
         if !rest.is_empty() {
-            out.push(rest);
+            match out.last_mut() {
+                Some(last) if rest.len() * 2 < self.max_len => last.append(&mut rest),
+                _ => out.push(rest),
+            }
         }
         out
     }
@@ -96,5 +101,21 @@ mod tests {
             vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
         );
         assert!(b.take_batches().is_empty());
+    }
+
+    #[test]
+    fn a_short_remainder_joins_the_last_batch() {
+        let mut b = Batcher::new(10, 10);
+        b.extend(0..13, 0);
+        assert_eq!(
+            b.take_batches(),
+            vec![(0..13).collect::<Vec<_>>()],
+            "3 < 10/2: no batch of 3"
+        );
+        b.extend(0..24, 0);
+        let sizes: Vec<usize> = b.take_batches().iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![10, 14], "the remainder 4 joins the second batch");
+        b.extend(0..7, 0);
+        assert_eq!(b.take_batches().len(), 1, "less than one batch stays one batch");
     }
 }
