@@ -15,11 +15,25 @@ pub async fn ensure_topic(
     partitions: i32,
     replication: i32,
 ) -> Result<(), KafkaError> {
+    ensure_topic_with_config(brokers, topic, partitions, replication, &[]).await
+}
+
+/// As [`ensure_topic`], with topic configuration (`retention.ms`, ...) for a new topic.
+pub async fn ensure_topic_with_config(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    configs: &[(&str, &str)],
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("socket.connection.setup.timeout.ms", "5000")
         .create()?;
-    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    for (k, v) in configs {
+        new_topic = new_topic.set(k, v);
+    }
     let opts = AdminOptions::new()
         .request_timeout(Some(Duration::from_secs(5)))
         .operation_timeout(Some(Duration::from_secs(5)));
@@ -35,9 +49,20 @@ pub async fn ensure_topic(
 /// Retries `ensure_topic` with capped backoff until it succeeds (for start-up while the broker
 /// is still coming up).
 pub async fn ensure_topic_with_retry(brokers: &str, topic: &str, partitions: i32, replication: i32) {
+    ensure_topic_with_config_retry(brokers, topic, partitions, replication, &[]).await
+}
+
+/// Retries `ensure_topic_with_config` with capped backoff until it succeeds.
+pub async fn ensure_topic_with_config_retry(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    configs: &[(&str, &str)],
+) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match ensure_topic(brokers, topic, partitions, replication).await {
+        match ensure_topic_with_config(brokers, topic, partitions, replication, configs).await {
             Ok(()) => {
                 tracing::info!(topic, partitions, "topic ready");
                 return;

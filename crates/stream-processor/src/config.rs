@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use telemetry_core::CleanupConfig;
 
+use crate::failpoint::Step;
+
 /// stream-processor: consumes the topic, cleans the stream and delivers batches exactly once.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "stream-processor", version, about)]
@@ -27,15 +29,41 @@ pub struct Settings {
     pub group_id: String,
     /// Static group membership id, stable across restarts, so a restarted processor gets its
     /// partitions back at once instead of waiting for its dead predecessor to be evicted.
-    #[arg(long, env = "GROUP_INSTANCE_ID", default_value = "stream-processor-1")]
-    pub group_instance_id: String,
+    /// Unset: `stream-processor-<hostname>` (distinct per container, so replicas started by
+    /// `docker compose up --scale` each have their own). Empty: dynamic membership. Two live
+    /// processes must never share one id (the second fences the first).
+    #[arg(long, env = "GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
+    /// How partitions are spread over the group's members: cooperative-sticky moves only the
+    /// partitions that change owner; range or roundrobin stop every partition at each change.
+    #[arg(long, env = "ASSIGNMENT_STRATEGY", default_value = "cooperative-sticky")]
+    pub assignment_strategy: String,
     /// Consumer session timeout in milliseconds.
     #[arg(long, env = "SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u64,
     /// Partitions of the topic (and of the dead-letter topic) when the processor creates them.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub topic_partitions: i32,
-    /// SQLite state store file (resume offsets, watermarks, dedup keys, outbox).
+    /// Replication factor of the topics the processor creates.
+    #[arg(long, env = "TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+    /// The changelog topic holding each partition's state (one changelog partition per input
+    /// partition). Default: `<GROUP_ID>-<KAFKA_TOPIC>-changelog`.
+    #[arg(long, env = "CHANGELOG_TOPIC")]
+    pub changelog_topic: Option<String>,
+    /// A checkpoint writes a full snapshot instead of a delta once the deltas since the last
+    /// snapshot outgrow it or this many bytes; the changelog before a snapshot is deleted.
+    #[arg(long, env = "SNAPSHOT_MIN_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub snapshot_min_bytes: usize,
+    /// Longest a partition's state restore may take before the processor gives up (ms).
+    #[arg(long, env = "RESTORE_TIMEOUT_MS", default_value_t = 120_000)]
+    pub restore_timeout_ms: u64,
+    /// On revocation, longest wait for the batch in flight to the sink before the partition is
+    /// handed over (the next owner resends it; the sink replays it) (ms).
+    #[arg(long, env = "REVOKE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub revoke_timeout_ms: u64,
+    /// Local SQLite cache of the partitions' state (resume offsets, watermarks, dedup keys,
+    /// outbox), so a restart restores without reading the whole changelog. Losing it is safe.
     #[arg(long, env = "STATE_PATH", default_value = "data/processor-state.db")]
     pub state_path: PathBuf,
     /// How far behind a device's highest ts an event may arrive and still be in time (ms).
@@ -49,14 +77,13 @@ pub struct Settings {
     /// Defaults to ALLOWED_LATENESS_MS.
     #[arg(long, env = "IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
-    /// Events per batch sent to the sink. A release burst that tips a batch just past this
-    /// joins it rather than going alone, so a batch holds at most 1.5 times this.
+    /// Most events per batch sent to the sink (keep it at or below the sink's MAX_BATCH_LEN).
     #[arg(long, env = "BATCH_SIZE", default_value_t = 1_000)]
     pub batch_size: usize,
     /// Longest a released event waits for its batch to fill (ms).
     #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 200)]
     pub batch_linger_ms: u64,
-    /// Dead-letter topic for late and invalid events and batches the sink refused.
+    /// Dead-letter topic for late and invalid events (never batches: a refused batch is kept).
     #[arg(long, env = "DLQ_TOPIC", default_value = "telemetry-events-dlq")]
     pub dlq_topic: String,
     /// First retry delay after a failed sink request (ms).
@@ -69,7 +96,6 @@ pub struct Settings {
     #[arg(long, env = "SINK_TIMEOUT_MS", default_value_t = 10_000)]
     pub sink_timeout_ms: u64,
     /// Outbox batches per partition awaiting the sink before that partition's consumption pauses.
-    /// Pausing drops what librdkafka prefetched for the partition, so it is a last resort.
     #[arg(long, env = "MAX_OUTBOX_PER_PARTITION", default_value_t = 128)]
     pub max_outbox_per_partition: usize,
     /// Longest a state-only checkpoint (offsets, watermarks) may be put off (ms).
@@ -85,20 +111,56 @@ pub struct Settings {
     /// Address the admin port binds.
     #[arg(long, env = "ADMIN_BIND_ADDR", default_value = "0.0.0.0")]
     pub admin_bind_addr: String,
-    /// Test switch, off by default: abort the process at this protocol step
-    /// (after_consume_before_checkpoint, after_checkpoint_before_post,
-    /// after_post_before_outbox_clear, after_outbox_clear_before_commit).
-    #[arg(long, env = "FAILPOINT")]
-    pub failpoint: Option<String>,
+    /// Test switch, off by default: abort the process at this protocol step.
+    #[arg(long, env = "FAILPOINT", value_enum)]
+    pub failpoint: Option<Step>,
     /// With FAILPOINT: abort on this hit of the step (1 = the first time).
     #[arg(long, env = "FAILPOINT_HIT", default_value_t = 1)]
     pub failpoint_hit: u64,
 }
 
 impl Settings {
-    /// Reads the environment only; a bad value exits with one line naming the variable.
-    pub fn from_env() -> Self {
-        Settings::parse_from(std::iter::once("stream-processor"))
+    /// The static membership id, if any (see `group_instance_id`).
+    pub fn instance_id(&self) -> Option<String> {
+        match self.group_instance_id.as_deref() {
+            Some("") => None,
+            Some(id) => Some(id.to_owned()),
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .map(|h| h.trim().to_owned())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "local".to_owned());
+                Some(format!("stream-processor-{host}"))
+            }
+        }
+    }
+
+    pub fn changelog(&self) -> String {
+        self.changelog_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}-changelog", self.group_id, self.kafka_topic))
+    }
+
+    /// Rejects values the processor cannot run with, naming the variable.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_size == 0 {
+            return Err("BATCH_SIZE must be at least 1".into());
+        }
+        if self.allowed_lateness_ms < 0 {
+            return Err("ALLOWED_LATENESS_MS must be >= 0".into());
+        }
+        if self.dedup_horizon_ms < self.allowed_lateness_ms {
+            return Err("DEDUP_HORIZON_MS must be >= ALLOWED_LATENESS_MS".into());
+        }
+        if self.topic_partitions < 1 || self.topic_replication < 1 {
+            return Err("TOPIC_PARTITIONS and TOPIC_REPLICATION must be at least 1".into());
+        }
+        if self.max_outbox_per_partition == 0 {
+            return Err("MAX_OUTBOX_PER_PARTITION must be at least 1".into());
+        }
+        Ok(())
     }
 
     pub fn cleanup(&self) -> CleanupConfig {

@@ -4,7 +4,7 @@ use stream_processor::{Application, Settings};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     service_common::init_tracing();
-    let settings = Settings::from_env();
+    let settings = <Settings as clap::Parser>::parse();
     let app = Application::build(settings)
         .await
         .context("starting stream-processor")?;

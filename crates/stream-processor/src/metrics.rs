@@ -2,30 +2,18 @@
 
 use metrics::{counter, gauge, histogram};
 
-/// Events of one partition by outcome since the last flush.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct OutcomeCounts {
-    pub(crate) consumed: u64,
-    pub(crate) duplicate: u64,
-    pub(crate) conflict: u64,
-    pub(crate) late: u64,
-    pub(crate) invalid: u64,
-}
-
-impl OutcomeCounts {
-    pub(crate) fn flush(&mut self) {
-        for (outcome, n) in [
-            ("consumed", self.consumed),
-            ("duplicate", self.duplicate),
-            ("conflict", self.conflict),
-            ("late", self.late),
-            ("invalid", self.invalid),
-        ] {
-            if n > 0 {
-                counter!("stream_processor_events_total", "outcome" => outcome).increment(n);
-            }
+/// Flushes one partition's event outcomes.
+pub(crate) fn outcomes(c: crate::partition::Counts) {
+    for (outcome, n) in [
+        ("consumed", c.consumed),
+        ("duplicate", c.duplicate),
+        ("conflict", c.conflict),
+        ("late", c.late),
+        ("invalid", c.invalid),
+    ] {
+        if n > 0 {
+            counter!("stream_processor_events_total", "outcome" => outcome).increment(n);
         }
-        *self = OutcomeCounts::default();
     }
 }
 
@@ -34,8 +22,26 @@ pub(crate) fn emitted(batch_len: usize) {
     histogram!("stream_processor_batch_size_events").record(batch_len as f64);
 }
 
-pub(crate) fn checkpoint(seconds: f64) {
+pub(crate) fn checkpoint(seconds: f64, snapshot: bool) {
     histogram!("stream_processor_checkpoint_duration_seconds").record(seconds);
+    if snapshot {
+        counter!("stream_processor_snapshots_total").increment(1);
+    }
+}
+
+/// A partition's state restored: `source` is cache, cache+changelog or changelog.
+pub(crate) fn restored(source: &'static str, seconds: f64) {
+    counter!("stream_processor_restores_total", "source" => source).increment(1);
+    histogram!("stream_processor_restore_duration_seconds").record(seconds);
+}
+
+pub(crate) fn partitions_owned(n: usize) {
+    gauge!("stream_processor_partitions_owned").set(n as f64);
+}
+
+/// 1 while the sink refuses the partition's next batch.
+pub(crate) fn sink_blocked(partition: i32, blocked: bool) {
+    gauge!("stream_processor_sink_blocked", "partition" => partition.to_string()).set(if blocked { 1.0 } else { 0.0 });
 }
 
 /// One sink request: `result` is ok, replayed, retryable or rejected.
@@ -87,8 +93,13 @@ pub(crate) fn init() {
     for result in ["ok", "replayed", "retryable", "rejected"] {
         counter!("stream_processor_sink_requests_total", "result" => result).increment(0);
     }
-    for reason in ["late", "invalid", "sink_refused"] {
+    for reason in ["late", "invalid"] {
         counter!("stream_processor_dlq_messages_total", "reason" => reason).increment(0);
     }
     counter!("stream_processor_sink_retries_total").increment(0);
+    counter!("stream_processor_snapshots_total").increment(0);
+    for source in ["cache", "cache+changelog", "changelog"] {
+        counter!("stream_processor_restores_total", "source" => source).increment(0);
+    }
+    gauge!("stream_processor_partitions_owned").set(0.0);
 }

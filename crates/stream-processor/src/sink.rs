@@ -1,23 +1,52 @@
 //! Delivery of outbox batches to the sink (ingest-api `/events/batch`) with the batch id as
-//! `Idempotency-Key`: retried with capped exponential backoff and jitter on 5xx, 408, 429,
-//! timeouts and connection errors, until acknowledged, refused (other 4xx) or cancelled.
+//! `Idempotency-Key`, until acknowledged or cancelled. 5xx, 408, 429, timeouts and connection
+//! errors are retried with capped exponential backoff and jitter. Any other answer means the
+//! sink and this processor disagree (wrong URL, auth, version skew, a batch over the sink's
+//! limit, a reused key): the batch is never dropped or dead-lettered; the partition is marked
+//! blocked (metric, `/readyz` 503, one log line per change of answer) and the batch is retried
+//! at the longest backoff until the sink takes it.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::OutboxBatch;
+use crate::changelog::OutboxBatch;
 
 /// How a delivery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// The sink stored the batch (or had stored it before: a replay).
     Acknowledged { replayed: bool },
-    /// The sink refused the batch for good (a 4xx other than 408/429); it goes to the DLQ.
-    Refused { status: u16, reason: String },
-    /// Shutdown came first; the batch stays in the outbox.
+    /// Shutdown or revocation came first; the batch stays in the outbox.
     Cancelled,
+}
+
+/// Partitions whose sink answers block delivery, with the answer (for `/readyz`).
+#[derive(Debug, Clone, Default)]
+pub struct Blocked(Arc<Mutex<BTreeMap<i32, String>>>);
+
+impl Blocked {
+    /// Forgets a partition this process no longer owns.
+    pub fn clear(&self, partition: i32) {
+        self.set(partition, None);
+    }
+
+    fn set(&self, partition: i32, answer: Option<String>) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match answer {
+            Some(a) => map.insert(partition, a),
+            None => map.remove(&partition),
+        };
+        crate::metrics::sink_blocked(partition, map.contains_key(&partition));
+    }
+
+    /// The blocked partitions and the sink's answer to each.
+    pub fn snapshot(&self) -> BTreeMap<i32, String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The sink client.
@@ -27,17 +56,20 @@ pub struct Sink {
     url: String,
     backoff_min: Duration,
     backoff_max: Duration,
+    blocked: Blocked,
 }
 
-/// Whether a failed attempt is worth repeating.
+/// What one attempt gave.
 #[derive(Debug)]
 enum Attempt {
     Done(Delivery),
     Retry(String),
+    /// An answer that retrying soon will not change.
+    Blocked(String),
 }
 
 impl Sink {
-    pub fn new(url: &str, timeout: Duration, backoff_min: Duration, backoff_max: Duration) -> Sink {
+    pub fn new(url: &str, timeout: Duration, backoff_min: Duration, backoff_max: Duration, blocked: Blocked) -> Sink {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -49,6 +81,7 @@ impl Sink {
             url: url.to_owned(),
             backoff_min,
             backoff_max,
+            blocked,
         }
     }
 
@@ -75,13 +108,13 @@ impl Sink {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let body = resp.text().await.unwrap_or_default();
-                let reason: String = body.chars().take(500).collect();
+                let reason: String = body.chars().take(300).collect();
                 if status == 408 || status == 429 || status >= 500 {
                     crate::metrics::sink_request("retryable", seconds);
                     Attempt::Retry(format!("status {status}: {reason}"))
                 } else {
                     crate::metrics::sink_request("rejected", seconds);
-                    Attempt::Done(Delivery::Refused { status, reason })
+                    Attempt::Blocked(format!("status {status}: {reason}"))
                 }
             }
             Err(e) => {
@@ -91,18 +124,22 @@ impl Sink {
         }
     }
 
-    /// Delivers one batch, retrying until it is acknowledged or refused, or `cancel` fires.
+    /// Delivers one batch, retrying until it is acknowledged or `cancel` fires.
     pub async fn deliver(&self, batch: &OutboxBatch, cancel: &CancellationToken) -> Delivery {
         let mut failures = 0u32;
+        let mut blocked_by: Option<String> = None;
         loop {
             let outcome = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Delivery::Cancelled,
                 a = self.attempt(batch) => a,
             };
-            match outcome {
+            let delay = match outcome {
                 Attempt::Done(d) => {
-                    if failures > 0 {
+                    if blocked_by.is_some() {
+                        self.blocked.set(batch.partition, None);
+                        tracing::info!(partition = batch.partition, batch = %batch.id, "sink accepts batches again; partition unblocked");
+                    } else if failures > 0 {
                         tracing::info!(batch = %batch.id, failures, "sink accepted batch after retries");
                     }
                     return d;
@@ -112,11 +149,34 @@ impl Sink {
                     crate::metrics::sink_retry();
                     let delay = backoff(self.backoff_min, self.backoff_max, failures);
                     tracing::warn!(batch = %batch.id, failures, error = %why, delay_ms = delay.as_millis() as u64, "sink request failed, retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Delivery::Cancelled,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                    delay
                 }
+                Attempt::Blocked(answer) => {
+                    failures += 1;
+                    crate::metrics::sink_retry();
+                    if blocked_by.as_deref() != Some(answer.as_str()) {
+                        let reused = answer.contains("idempotency_key_reused");
+                        tracing::error!(
+                            partition = batch.partition,
+                            batch = %batch.id,
+                            events = batch.events,
+                            answer = %answer,
+                            hint = if reused {
+                                "the sink already stored another batch under this id: the changelog and the sink disagree (changelog lost, or two pipelines on one sink)"
+                            } else {
+                                "check INGEST_URL, the sink's auth and version, and BATCH_SIZE against the sink's MAX_BATCH_LEN"
+                            },
+                            "sink refuses the batch; delivery of this partition is blocked (nothing is dropped, retrying)"
+                        );
+                        self.blocked.set(batch.partition, Some(answer.clone()));
+                        blocked_by = Some(answer);
+                    }
+                    backoff(self.backoff_max, self.backoff_max, 1)
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return Delivery::Cancelled,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }

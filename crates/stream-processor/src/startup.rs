@@ -3,57 +3,134 @@
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use rand::Rng;
+use rdkafka::consumer::Consumer;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
-use crate::pipeline::Pipeline;
+use crate::admin::Health;
+use crate::consumer;
+use crate::pipeline::{Parts, Pipeline};
 use crate::store::StateStore;
 use crate::Settings;
 
-/// A ready-to-run processor: state store open, outbox queued, admin port bound.
+/// A ready-to-run processor: topics in place, state cache open, admin port bound, consumer
+/// thread started.
 #[derive(Debug)]
 pub struct Application {
     pipeline: Pipeline,
     admin: TcpListener,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
+
+/// Input chunks waiting for the pipeline (each up to 512 messages).
+const INPUT_QUEUE: usize = 16;
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        crate::failpoint::arm(settings.failpoint.as_deref(), settings.failpoint_hit)
-            .map_err(anyhow::Error::msg)?;
+        settings.validate().map_err(anyhow::Error::msg)?;
+        crate::failpoint::arm(settings.failpoint, settings.failpoint_hit);
         let _ = service_common::metrics_handle();
         crate::metrics::init();
-        let store = StateStore::open(&settings.state_path, &settings.kafka_topic)
+        let cache = StateStore::open(&settings.state_path, &settings.kafka_topic)
             .with_context(|| format!("opening state store {}", settings.state_path.display()))?;
+        let brokers = settings.kafka_brokers.clone();
         for topic in [&settings.kafka_topic, &settings.dlq_topic] {
             service_common::kafka::ensure_topic_with_retry(
-                &settings.kafka_brokers,
+                &brokers,
                 topic,
                 settings.topic_partitions,
-                1,
+                settings.topic_replication,
             )
             .await;
         }
         let admin = TcpListener::bind((settings.admin_bind_addr.as_str(), settings.admin_port))
             .await
             .with_context(|| format!("binding admin port {}", settings.admin_port))?;
-        let ready = Arc::new(AtomicBool::new(false));
+        let instance_id = settings.instance_id();
+        let (inputs_tx, inputs) = mpsc::channel(INPUT_QUEUE);
+        let consumer = Arc::new(
+            consumer::create(
+                &brokers,
+                &settings.group_id,
+                instance_id.as_deref(),
+                settings.session_timeout_ms,
+                &settings.assignment_strategy,
+                &settings.kafka_topic,
+                inputs_tx.clone(),
+            )
+            .context("creating the consumer")?,
+        );
+        // The changelog has one partition per input partition.
+        let partitions = {
+            let (c, topic) = (Arc::clone(&consumer), settings.kafka_topic.clone());
+            tokio::task::spawn_blocking(move || {
+                c.fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
+            })
+            .await?
+            .context("reading the topic's partition count")? as i32
+        };
+        let changelog = settings.changelog();
+        service_common::kafka::ensure_topic_with_config_retry(
+            &brokers,
+            &changelog,
+            partitions,
+            settings.topic_replication,
+            &[("cleanup.policy", "delete"), ("retention.ms", "-1"), ("retention.bytes", "-1")],
+        )
+        .await;
+        let changelog_partitions = {
+            let (c, topic) = (Arc::clone(&consumer), changelog.clone());
+            tokio::task::spawn_blocking(move || {
+                c.fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
+            })
+            .await?
+            .context("reading the changelog's partition count")? as i32
+        };
+        if changelog_partitions < partitions {
+            bail!("changelog topic {changelog} has {changelog_partitions} partitions, fewer than the {partitions} of {}", settings.kafka_topic);
+        }
+        let health = Arc::new(Health::default());
+        let writer_prefix = format!("{:08x}", rand::rng().random::<u32>());
         let settings = Arc::new(settings);
         tracing::info!(
             brokers = %settings.kafka_brokers,
             topic = %settings.kafka_topic,
+            changelog = %changelog,
+            group = %settings.group_id,
+            instance = instance_id.as_deref().unwrap_or("(dynamic)"),
+            writer = %writer_prefix,
             sink = %settings.ingest_url,
             state = %settings.state_path.display(),
             admin = %admin.local_addr()?,
             "stream-processor starting"
         );
-        let pipeline = Pipeline::new(Arc::clone(&settings), store, Arc::clone(&ready)).await?;
+        let consumer_stop = Arc::new(AtomicBool::new(false));
+        consumer::spawn(
+            Arc::clone(&consumer),
+            settings.kafka_topic.clone(),
+            inputs_tx,
+            Arc::clone(&consumer_stop),
+        )
+        .context("starting the consumer thread")?;
+        let pipeline = Pipeline::new(Parts {
+            settings,
+            consumer,
+            inputs,
+            consumer_stop,
+            cache,
+            health: Arc::clone(&health),
+            writer_prefix,
+        })?;
         Ok(Application {
             pipeline,
             admin,
-            ready,
+            health,
         })
     }
 
@@ -66,10 +143,10 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let admin = axum::serve(self.admin, crate::admin::router(self.ready));
+        let admin = axum::serve(self.admin, crate::admin::router(self.health));
         tokio::spawn(async move {
             if let Err(e) = admin.await {
-                tracing::error!(error = %e, "admin server failed");
+                tracing::warn!(error = %e, "admin server failed");
             }
         });
         self.pipeline.run(shutdown).await?;

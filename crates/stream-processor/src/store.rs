@@ -1,16 +1,20 @@
-//! The SQLite state store (WAL, synchronous=FULL): per partition the resume offset and next
-//! batch sequence, per device its watermark marks, the dedup keys, and the outbox of batches
-//! built but not yet acknowledged by the sink. A checkpoint is one transaction.
+//! The local SQLite state store (WAL): the cache of the changelog. After each committed
+//! checkpoint the same records are applied here, with the changelog position they reach, so a
+//! restart on the same machine restores from this file and reads only what the changelog holds
+//! beyond it. The changelog stays the truth: a lost, stale or foreign file is rebuilt from it,
+//! so this file needs no fsync per checkpoint (`synchronous=NORMAL`: a power cut may only make
+//! it older).
 //!
-//! One thread owns the connection; callers send it closures and await the answer.
+//! One thread owns the connection; callers send it jobs, in order.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
-use rusqlite::{params, Connection};
-use telemetry_core::{Changes, DeviceMark, SeenKey};
+use rusqlite::{params, Connection, OptionalExtension};
+use telemetry_core::DeviceMark;
 use tokio::sync::oneshot;
+
+use crate::changelog::{batch_id, OutboxBatch, PartitionState, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -24,35 +28,13 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A batch in the outbox: its deterministic id (`{topic}-{partition}-{seq}`, the sink's
-/// Idempotency-Key), its JSON body, and the resume offset to commit once the sink has it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxBatch {
+/// The changelog position a cached state reflects: the offset and id of the last checkpoint's
+/// `Commit` record, and how many changelog bytes follow the latest snapshot up to there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub offset: i64,
     pub id: String,
-    pub partition: i32,
-    pub seq: i64,
-    pub resume_offset: i64,
-    pub events: usize,
-    pub body: bytes::Bytes,
-}
-
-/// What a partition's state looked like at its last checkpoint.
-#[derive(Debug, Default)]
-pub struct PartitionState {
-    pub resume_offset: Option<i64>,
-    pub next_seq: i64,
-    pub marks: Vec<(String, DeviceMark)>,
-    pub keys: Vec<SeenKey>,
-}
-
-/// One checkpoint of one partition.
-#[derive(Debug)]
-pub struct Checkpoint {
-    pub partition: i32,
-    pub batches: Vec<OutboxBatch>,
-    pub changes: Changes,
-    pub resume_offset: i64,
-    pub next_seq: i64,
+    pub bytes_since_snapshot: usize,
 }
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -65,26 +47,27 @@ pub struct StateStore {
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS partitions (
+CREATE TABLE IF NOT EXISTS cached_partition (
     topic TEXT NOT NULL, partition INTEGER NOT NULL,
-    resume_offset INTEGER NOT NULL, next_seq INTEGER NOT NULL,
+    resume_offset INTEGER NOT NULL, decided_offset INTEGER NOT NULL, next_seq INTEGER NOT NULL,
+    changelog_offset INTEGER NOT NULL, commit_id TEXT NOT NULL, bytes_since_snapshot INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS devices (
+CREATE TABLE IF NOT EXISTS cached_device (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, device_id TEXT NOT NULL,
     max_ts INTEGER NOT NULL, released_max INTEGER NOT NULL,
     PRIMARY KEY (topic, partition, device_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dedup_keys (
+CREATE TABLE IF NOT EXISTS cached_key (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, device_id TEXT NOT NULL, ts INTEGER NOT NULL,
     latitude_bits INTEGER NOT NULL, longitude_bits INTEGER NOT NULL,
     PRIMARY KEY (topic, partition, device_id, ts)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (
-    id TEXT PRIMARY KEY, topic TEXT NOT NULL, partition INTEGER NOT NULL, seq INTEGER NOT NULL,
-    resume_offset INTEGER NOT NULL, events INTEGER NOT NULL, body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_order ON outbox (topic, partition, seq);
+CREATE TABLE IF NOT EXISTS cached_outbox (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, seq INTEGER NOT NULL,
+    events INTEGER NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (topic, partition, seq)
+) WITHOUT ROWID;
 ";
 
 impl StateStore {
@@ -95,7 +78,7 @@ impl StateStore {
         }
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(32);
@@ -126,286 +109,303 @@ impl StateStore {
         Ok(rx.await.map_err(|_| StoreError::Closed)??)
     }
 
-    /// Resume offsets of every partition with a checkpoint.
-    pub async fn resume_offsets(&self) -> Result<HashMap<i32, i64>> {
+    /// The cached state of one partition and the changelog position it reflects, if any.
+    pub async fn load(&self, partition: i32) -> Result<Option<(PartitionState, Position)>> {
         let topic = self.topic.clone();
-        self.call(move |c| {
-            let mut stmt = c.prepare("SELECT partition, resume_offset FROM partitions WHERE topic = ?1")?;
-            let rows = stmt.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })
-        .await
+        self.call(move |c| load(c, &topic, partition)).await
     }
 
-    /// The state of one partition as its last checkpoint left it.
-    pub async fn load_partition(&self, partition: i32) -> Result<PartitionState> {
+    /// Applies one committed checkpoint's records (`sizes`: their encoded lengths), whose
+    /// `Commit` is at `commit_offset` on the changelog. Queued; errors are logged (the cache
+    /// may lag, the changelog has it).
+    pub fn apply(&self, partition: i32, records: Vec<Record>, sizes: Vec<usize>, commit_offset: i64) {
         let topic = self.topic.clone();
-        self.call(move |c| {
-            let mut state = PartitionState::default();
-            let row: Option<(i64, i64)> = c
-                .query_row(
-                    "SELECT resume_offset, next_seq FROM partitions WHERE topic = ?1 AND partition = ?2",
-                    params![topic, partition],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .map(Some)
-                .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
-            if let Some((resume, seq)) = row {
-                state.resume_offset = Some(resume);
-                state.next_seq = seq;
+        let job: Job = Box::new(move |c| {
+            if let Err(e) = apply(c, &topic, partition, &records, &sizes, commit_offset) {
+                tracing::warn!(partition, error = %e, "local state cache update failed; the next restore reads the changelog");
             }
-            let mut stmt =
-                c.prepare("SELECT device_id, max_ts, released_max FROM devices WHERE topic = ?1 AND partition = ?2")?;
-            state.marks = stmt
-                .query_map(params![topic, partition], |r| {
-                    Ok((r.get(0)?, DeviceMark { max_ts: r.get(1)?, released_max: r.get(2)? }))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut stmt = c.prepare(
-                "SELECT device_id, ts, latitude_bits, longitude_bits FROM dedup_keys WHERE topic = ?1 AND partition = ?2",
-            )?;
-            state.keys = stmt
-                .query_map(params![topic, partition], |r| {
-                    Ok(SeenKey {
-                        device_id: r.get(0)?,
-                        ts: r.get(1)?,
-                        latitude_bits: r.get::<_, i64>(2)? as u64,
-                        longitude_bits: r.get::<_, i64>(3)? as u64,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(state)
-        })
-        .await
+        });
+        let _ = self.jobs.send(job);
     }
 
-    /// Every outbox batch, per partition in sequence order.
-    pub async fn outbox(&self) -> Result<Vec<OutboxBatch>> {
+    /// Replaces the cached state of a partition (after a restore from the changelog).
+    pub fn replace(&self, partition: i32, state: &PartitionState, position: &Position) {
+        let records = state.to_records(&position.id);
+        let sizes = vec![0; records.len()];
         let topic = self.topic.clone();
-        self.call(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, partition, seq, resume_offset, events, body FROM outbox WHERE topic = ?1 ORDER BY partition, seq",
-            )?;
-            let rows = stmt.query_map([topic], |r| {
-                Ok(OutboxBatch {
-                    id: r.get(0)?,
-                    partition: r.get(1)?,
-                    seq: r.get(2)?,
-                    resume_offset: r.get(3)?,
-                    events: r.get::<_, i64>(4)? as usize,
-                    body: bytes::Bytes::from(r.get::<_, Vec<u8>>(5)?),
-                })
-            })?;
-            rows.collect()
-        })
-        .await
+        let pos = position.clone();
+        let job: Job = Box::new(move |c| {
+            let r = apply(c, &topic, partition, &records, &sizes, pos.offset).and_then(|()| {
+                c.execute(
+                    "UPDATE cached_partition SET bytes_since_snapshot = ?3 WHERE topic = ?1 AND partition = ?2",
+                    params![topic, partition, pos.bytes_since_snapshot as i64],
+                )
+                .map(|_| ())
+            });
+            if let Err(e) = r {
+                tracing::warn!(partition, error = %e, "local state cache update failed");
+            }
+        });
+        let _ = self.jobs.send(job);
     }
 
-    /// Writes one checkpoint in one transaction; returns how long it took.
-    pub async fn checkpoint(&self, cp: Checkpoint) -> Result<f64> {
-        let (tx, rx) = oneshot::channel();
-        self.checkpoint_then(cp, move |r| {
-            let _ = tx.send(r);
-        })?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Queues one checkpoint; `then` runs on the store's thread once it committed (or failed),
-    /// checkpoints in the order they were queued.
-    pub fn checkpoint_then(
-        &self,
-        cp: Checkpoint,
-        then: impl FnOnce(Result<f64>) + Send + 'static,
-    ) -> Result<()> {
-        let topic = self.topic.clone();
-        self.jobs
-            .send(Box::new(move |c| {
-                then(write_checkpoint(c, &topic, cp).map_err(StoreError::from))
-            }))
-            .map_err(|_| StoreError::Closed)
-    }
-
-    /// Removes a batch the sink acknowledged.
-    pub async fn remove_outbox(&self, id: String) -> Result<()> {
-        self.call(move |c| c.execute("DELETE FROM outbox WHERE id = ?1", [id]).map(|_| ()))
-            .await
+    /// Waits until every queued job has run.
+    pub async fn sync(&self) -> Result<()> {
+        self.call(|_| Ok(())).await
     }
 }
 
-fn write_checkpoint(c: &mut Connection, topic: &str, cp: Checkpoint) -> rusqlite::Result<f64> {
-    let start = Instant::now();
-    let tx = c.transaction()?;
-    {
-        let p = cp.partition;
-        let mut put_batch = tx.prepare_cached(
-            "INSERT INTO outbox (id, topic, partition, seq, resume_offset, events, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        for b in &cp.batches {
-            put_batch.execute(params![
-                b.id,
-                topic,
-                p,
-                b.seq,
-                b.resume_offset,
-                b.events as i64,
-                &b.body[..]
-            ])?;
-        }
-        let mut put_mark = tx.prepare_cached(
-            "INSERT INTO devices (topic, partition, device_id, max_ts, released_max) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (topic, partition, device_id) DO UPDATE SET max_ts = excluded.max_ts, released_max = excluded.released_max",
-        )?;
-        for (device, mark) in &cp.changes.devices {
-            put_mark.execute(params![topic, p, device, mark.max_ts, mark.released_max])?;
-        }
-        let mut put_key = tx.prepare_cached(
-            "INSERT OR REPLACE INTO dedup_keys (topic, partition, device_id, ts, latitude_bits, longitude_bits) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        for k in &cp.changes.new_keys {
-            put_key.execute(params![
-                topic,
-                p,
-                k.device_id,
-                k.ts,
-                k.latitude_bits as i64,
-                k.longitude_bits as i64
-            ])?;
-        }
-        let mut prune = tx.prepare_cached(
-            "DELETE FROM dedup_keys WHERE topic = ?1 AND partition = ?2 AND device_id = ?3 AND ts < ?4",
-        )?;
-        for (device, below) in &cp.changes.pruned {
-            prune.execute(params![topic, p, device, below])?;
-        }
-        tx.prepare_cached(
-            "INSERT INTO partitions (topic, partition, resume_offset, next_seq) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (topic, partition) DO UPDATE SET resume_offset = excluded.resume_offset, next_seq = excluded.next_seq",
-        )?
-        .execute(params![topic, p, cp.resume_offset, cp.next_seq])?;
+fn load(c: &mut Connection, topic: &str, partition: i32) -> rusqlite::Result<Option<(PartitionState, Position)>> {
+    let row = c
+        .query_row(
+            "SELECT resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot
+             FROM cached_partition WHERE topic = ?1 AND partition = ?2",
+            params![topic, partition],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    Position {
+                        offset: r.get(3)?,
+                        id: r.get(4)?,
+                        bytes_since_snapshot: r.get::<_, i64>(5)? as usize,
+                    },
+                ))
+            },
+        )
+        .optional()?;
+    let Some((resume, decided, next_seq, position)) = row else {
+        return Ok(None);
+    };
+    let mut state = PartitionState {
+        resume_offset: Some(resume),
+        decided_offset: decided,
+        next_seq,
+        ..PartitionState::default()
+    };
+    let mut stmt = c.prepare_cached(
+        "SELECT device_id, max_ts, released_max FROM cached_device WHERE topic = ?1 AND partition = ?2",
+    )?;
+    let rows = stmt.query_map(params![topic, partition], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            DeviceMark {
+                max_ts: r.get(1)?,
+                released_max: r.get(2)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (d, m) = row?;
+        state.marks.insert(d, m);
     }
-    tx.commit()?;
-    Ok(start.elapsed().as_secs_f64())
+    let mut stmt = c.prepare_cached(
+        "SELECT device_id, ts, latitude_bits, longitude_bits FROM cached_key WHERE topic = ?1 AND partition = ?2",
+    )?;
+    let rows = stmt.query_map(params![topic, partition], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)? as u64,
+            r.get::<_, i64>(3)? as u64,
+        ))
+    })?;
+    for row in rows {
+        let (d, ts, lat, lon) = row?;
+        state.keys.entry(d).or_insert_with(BTreeMap::new).insert(ts, (lat, lon));
+    }
+    let mut stmt = c.prepare_cached(
+        "SELECT seq, events, body FROM cached_outbox WHERE topic = ?1 AND partition = ?2 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map(params![topic, partition], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+    })?;
+    for row in rows {
+        let (seq, events, body) = row?;
+        state.outbox.insert(
+            seq,
+            OutboxBatch {
+                id: batch_id(topic, partition, seq),
+                partition,
+                seq,
+                events: events as usize,
+                body: bytes::Bytes::from(body),
+            },
+        );
+    }
+    Ok(Some((state, position)))
+}
+
+fn apply(
+    c: &mut Connection,
+    topic: &str,
+    p: i32,
+    records: &[Record],
+    sizes: &[usize],
+    commit_offset: i64,
+) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    let mut added: i64 = 0;
+    let mut reset = false;
+    for (i, record) in records.iter().enumerate() {
+        let size = sizes.get(i).copied().unwrap_or(0) as i64;
+        match record {
+            Record::Reset => {
+                for table in ["cached_device", "cached_key", "cached_outbox"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE topic = ?1 AND partition = ?2"),
+                        params![topic, p],
+                    )?;
+                }
+                reset = true;
+                added = 0;
+            }
+            Record::Batch { seq, events, body } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO cached_outbox (topic, partition, seq, events, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![topic, p, seq, *events as i64, &body[..]])?;
+            }
+            Record::State(delta) => {
+                let mut put_mark = tx.prepare_cached(
+                    "INSERT INTO cached_device (topic, partition, device_id, max_ts, released_max) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (topic, partition, device_id) DO UPDATE SET max_ts = excluded.max_ts, released_max = excluded.released_max",
+                )?;
+                for (d, max_ts, released_max) in &delta.marks {
+                    put_mark.execute(params![topic, p, d, max_ts, released_max])?;
+                }
+                let mut put_key = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO cached_key (topic, partition, device_id, ts, latitude_bits, longitude_bits) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for (d, ts, lat, lon) in &delta.keys {
+                    put_key.execute(params![topic, p, d, ts, *lat as i64, *lon as i64])?;
+                }
+                let mut prune = tx.prepare_cached(
+                    "DELETE FROM cached_key WHERE topic = ?1 AND partition = ?2 AND device_id = ?3 AND ts < ?4",
+                )?;
+                for (d, below) in &delta.pruned {
+                    prune.execute(params![topic, p, d, below])?;
+                }
+            }
+            Record::Commit(commit) => {
+                if let Some(acked) = commit.acked_through {
+                    tx.prepare_cached("DELETE FROM cached_outbox WHERE topic = ?1 AND partition = ?2 AND seq <= ?3")?
+                        .execute(params![topic, p, acked])?;
+                }
+                let bytes_expr = if reset { "?8" } else { "bytes_since_snapshot + ?8" };
+                tx.execute(
+                    &format!(
+                        "INSERT INTO cached_partition (topic, partition, resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                         ON CONFLICT (topic, partition) DO UPDATE SET resume_offset = excluded.resume_offset,
+                           decided_offset = excluded.decided_offset, next_seq = excluded.next_seq,
+                           changelog_offset = excluded.changelog_offset, commit_id = excluded.commit_id,
+                           bytes_since_snapshot = {bytes_expr}"
+                    ),
+                    params![
+                        topic,
+                        p,
+                        commit.resume_offset,
+                        commit.decided_offset,
+                        commit.next_seq,
+                        commit_offset,
+                        commit.id,
+                        added + size
+                    ],
+                )?;
+            }
+        }
+        added += size;
+    }
+    tx.commit()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changelog::{Commit, StateDelta};
 
-    fn batch(seq: i64) -> OutboxBatch {
-        OutboxBatch {
-            id: format!("t-0-{seq}"),
-            partition: 0,
+    fn commit(id: &str, resume: i64, next_seq: i64, acked: Option<i64>) -> Record {
+        Record::Commit(Commit {
+            id: id.into(),
+            resume_offset: resume,
+            decided_offset: resume,
+            next_seq,
+            acked_through: acked,
+        })
+    }
+
+    fn batch(seq: i64) -> Record {
+        Record::Batch {
             seq,
-            resume_offset: seq * 10,
             events: 1,
             body: bytes::Bytes::from_static(b"[]"),
         }
     }
 
     #[tokio::test]
-    async fn checkpoint_is_read_back_after_reopening() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn the_cache_holds_what_the_records_rebuild_after_reopening() {
+        let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("s.db");
+        let checkpoints = vec![
+            vec![
+                batch(0),
+                batch(1),
+                Record::State(StateDelta {
+                    marks: vec![("d".into(), 50, 40)],
+                    keys: vec![("d".into(), 10, 1, u64::MAX), ("d".into(), 40, 1, 2)],
+                    pruned: vec![],
+                }),
+                commit("w-1", 7, 2, None),
+            ],
+            vec![
+                Record::State(StateDelta {
+                    pruned: vec![("d".into(), 20)],
+                    ..StateDelta::default()
+                }),
+                commit("w-2", 9, 2, Some(0)),
+            ],
+        ];
+        let mut expected = PartitionState::default();
         {
-            let store = StateStore::open(&path, "t").unwrap();
-            let changes = Changes {
-                devices: vec![(
-                    "d".into(),
-                    DeviceMark {
-                        max_ts: 50,
-                        released_max: 40,
-                    },
-                )],
-                new_keys: vec![
-                    SeenKey {
-                        device_id: "d".into(),
-                        ts: 10,
-                        latitude_bits: 1,
-                        longitude_bits: u64::MAX,
-                    },
-                    SeenKey {
-                        device_id: "d".into(),
-                        ts: 40,
-                        latitude_bits: 1,
-                        longitude_bits: 2,
-                    },
-                ],
-                pruned: vec![],
-            };
-            store
-                .checkpoint(Checkpoint {
-                    partition: 0,
-                    batches: vec![batch(0), batch(1)],
-                    changes,
-                    resume_offset: 7,
-                    next_seq: 2,
-                })
-                .await
-                .unwrap();
-            let prune = Changes {
-                pruned: vec![("d".into(), 20)],
-                ..Changes::default()
-            };
-            store
-                .checkpoint(Checkpoint {
-                    partition: 0,
-                    batches: vec![],
-                    changes: prune,
-                    resume_offset: 9,
-                    next_seq: 2,
-                })
-                .await
-                .unwrap();
-            store.remove_outbox("t-0-0".into()).await.unwrap();
-        }
-        let store = StateStore::open(&path, "t").unwrap();
-        assert_eq!(store.resume_offsets().await.unwrap(), HashMap::from([(0, 9)]));
-        let state = store.load_partition(0).await.unwrap();
-        assert_eq!(state.next_seq, 2);
-        assert_eq!(
-            state.marks,
-            vec![(
-                "d".to_owned(),
-                DeviceMark {
-                    max_ts: 50,
-                    released_max: 40
+            let store = StateStore::open(&path, "t").expect("opens");
+            for (i, records) in checkpoints.into_iter().enumerate() {
+                for r in &records {
+                    expected.apply("t", 0, r);
                 }
-            )]
+                let sizes = vec![10; records.len()];
+                store.apply(0, records, sizes, 100 + i as i64);
+            }
+            store.sync().await.expect("synced");
+        }
+        let store = StateStore::open(&path, "t").expect("reopens");
+        let (state, position) = store.load(0).await.expect("loads").expect("cached");
+        assert_eq!(state, expected);
+        assert_eq!(state.outbox.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            position,
+            Position {
+                offset: 101,
+                id: "w-2".into(),
+                bytes_since_snapshot: 60
+            }
         );
-        assert_eq!(state.keys.iter().map(|k| k.ts).collect::<Vec<_>>(), vec![40]);
-        let outbox = store.outbox().await.unwrap();
-        assert_eq!(outbox, vec![batch(1)]);
-        assert!(store.load_partition(3).await.unwrap().resume_offset.is_none());
-    }
+        assert!(store.load(3).await.expect("loads").is_none());
 
-    #[tokio::test]
-    async fn many_keys_are_written_in_multi_row_inserts_and_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("s.db"), "t").unwrap();
-        let keys: Vec<SeenKey> = (0..150)
-            .map(|ts| SeenKey {
-                device_id: format!("d{}", ts % 7),
-                ts,
-                latitude_bits: ts as u64,
-                longitude_bits: !(ts as u64),
-            })
-            .collect();
-        let changes = Changes {
-            new_keys: keys.clone(),
-            ..Changes::default()
+        // A snapshot replaces everything.
+        let snap = PartitionState {
+            resume_offset: Some(20),
+            next_seq: 5,
+            ..PartitionState::default()
         };
-        store
-            .checkpoint(Checkpoint {
-                partition: 2,
-                batches: vec![],
-                changes,
-                resume_offset: 150,
-                next_seq: 0,
-            })
-            .await
-            .unwrap();
-        let mut back = store.load_partition(2).await.unwrap().keys;
-        back.sort_by_key(|k| k.ts);
-        assert_eq!(back, keys);
+        store.replace(0, &snap, &Position {
+            offset: 300,
+            id: "x-1".into(),
+            bytes_since_snapshot: 3,
+        });
+        let (state, position) = store.load(0).await.expect("loads").expect("cached");
+        assert_eq!(state, snap);
+        assert_eq!((position.offset, position.bytes_since_snapshot), (300, 3));
     }
 }

@@ -400,13 +400,13 @@ async fn abort_after_checkpoint_before_post_then_restart_gives_identical_sink() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_after_post_before_outbox_clear_then_restart_gives_identical_sink() {
-    failpoint_scenario("after_post_before_outbox_clear", 3).await;
+async fn abort_after_post_before_ack_recorded_then_restart_gives_identical_sink() {
+    failpoint_scenario("after_post_before_ack_recorded", 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_after_outbox_clear_before_commit_then_restart_gives_identical_sink() {
-    failpoint_scenario("after_outbox_clear_before_commit", 3).await;
+async fn abort_after_changelog_commit_before_cache_then_restart_gives_identical_sink() {
+    failpoint_scenario("after_changelog_commit_before_cache", 3).await;
 }
 
 /// Distinct events for `devices` devices, `n` in all, reordered within 2 s and with 5%

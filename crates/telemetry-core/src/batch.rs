@@ -37,22 +37,21 @@ impl<T> Batcher<T> {
             || (!self.waiting.is_empty() && now_ms.saturating_sub(self.oldest_at) >= self.linger_ms)
     }
 
-    /// Everything waiting, in order, as batches of `max_len`; a remainder shorter than half of
-    /// `max_len` joins the last batch instead of going alone (so a burst that tips the count
-    /// just past the size does not produce a tiny batch; no batch exceeds 1.5 × `max_len`).
+    /// Everything waiting, in order, as the fewest batches of at most `max_len`, balanced in
+    /// size (1,300 items with `max_len` 1,000 become 650 + 650): no batch exceeds the sink's
+    /// limit and no tiny remainder goes alone.
     pub fn take_batches(&mut self) -> Vec<Vec<T>> {
-        let mut out: Vec<Vec<T>> = Vec::new();
-        let mut rest = std::mem::take(&mut self.waiting);
-        while rest.len() > self.max_len {
-            let tail = rest.split_off(self.max_len);
-            out.push(rest);
-            rest = tail;
+        let rest = std::mem::take(&mut self.waiting);
+        if rest.is_empty() {
+            return Vec::new();
         }
-        if !rest.is_empty() {
-            match out.last_mut() {
-                Some(last) if rest.len() * 2 < self.max_len => last.append(&mut rest),
-                _ => out.push(rest),
-            }
+        let count = rest.len().div_ceil(self.max_len);
+        let (base, extra) = (rest.len() / count, rest.len() % count);
+        let mut out = Vec::with_capacity(count);
+        let mut items = rest.into_iter();
+        for i in 0..count {
+            let len = base + usize::from(i < extra);
+            out.push(items.by_ref().take(len).collect());
         }
         out
     }
@@ -98,24 +97,26 @@ mod tests {
         b.extend(0..10, 0);
         assert_eq!(
             b.take_batches(),
-            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]]
         );
         assert!(b.take_batches().is_empty());
     }
 
     #[test]
-    fn a_short_remainder_joins_the_last_batch() {
+    fn batches_are_balanced_and_never_exceed_the_limit() {
         let mut b = Batcher::new(10, 10);
         b.extend(0..13, 0);
-        assert_eq!(
-            b.take_batches(),
-            vec![(0..13).collect::<Vec<_>>()],
-            "3 < 10/2: no batch of 3"
-        );
-        b.extend(0..24, 0);
-        let sizes: Vec<usize> = b.take_batches().iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![10, 14], "the remainder 4 joins the second batch");
-        b.extend(0..7, 0);
-        assert_eq!(b.take_batches().len(), 1, "less than one batch stays one batch");
+        let batches = b.take_batches();
+        assert_eq!(batches, vec![(0..7).collect::<Vec<_>>(), (7..13).collect()]);
+        for n in 1usize..200 {
+            b.extend(0..n, 0);
+            let batches = b.take_batches();
+            let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+            assert!(sizes.iter().all(|s| *s <= 10), "{n}: {sizes:?}");
+            assert_eq!(sizes.len(), n.div_ceil(10), "{n}: fewest batches");
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{n}: {sizes:?}");
+            let flat: Vec<usize> = batches.into_iter().flatten().collect();
+            assert_eq!(flat, (0..n).collect::<Vec<_>>(), "order kept");
+        }
     }
 }

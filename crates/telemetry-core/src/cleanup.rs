@@ -269,6 +269,23 @@ impl Cleaner {
         changes
     }
 
+    /// Everything a checkpoint persists, in full (for a snapshot): every device's mark and every
+    /// identity kept for deduplication. Waiting events are not part of it (they are read again).
+    pub fn snapshot(&self) -> (Vec<(String, DeviceMark)>, Vec<SeenKey>) {
+        let mut marks = Vec::with_capacity(self.devices.len());
+        let mut keys = Vec::with_capacity(self.seen);
+        for (id, d) in &self.devices {
+            marks.push((id.clone(), d.mark));
+            keys.extend(d.seen.iter().map(|(ts, (lat, lon))| SeenKey {
+                device_id: id.clone(),
+                ts: *ts,
+                latitude_bits: *lat,
+                longitude_bits: *lon,
+            }));
+        }
+        (marks, keys)
+    }
+
     /// Events in reorder buffers.
     pub fn buffered_len(&self) -> usize {
         self.buffered

@@ -1,0 +1,640 @@
+//! One input partition's processing as a pure state machine (no I/O, time passed in): the
+//! cleaner, the batcher, the outbox, and the checkpoint and delivery protocol. The drivers in
+//! `pipeline` feed it events, ticks, commits and acknowledgements and carry out what it
+//! returns: a checkpoint to commit (one Kafka transaction), a batch to send.
+//!
+//! Protocol, per partition: a checkpoint takes the batches released since the last one, the
+//! cleaner's changes, the dead letters decided, and the resume offset; at most one is in
+//! flight. Its batches become sendable only once it committed. One batch is in flight to the
+//! sink at a time, in sequence order; an acknowledgement is recorded by the next checkpoint.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use telemetry_core::{Batcher, Cleaner, CleanupConfig, Event, Outcome};
+
+use crate::changelog::{batch_id, Commit, OutboxBatch, PartitionState, Record, StateDelta};
+
+/// What a partition needs to know besides its state.
+#[derive(Debug, Clone)]
+pub struct PartitionConfig {
+    pub topic: String,
+    pub partition: i32,
+    pub cleanup: CleanupConfig,
+    pub batch_size: usize,
+    pub batch_linger_ms: u64,
+    /// Longest a state-only change (offsets, marks, acknowledgements) waits for a checkpoint.
+    pub checkpoint_interval_ms: u64,
+    /// A snapshot replaces the deltas once they outgrow the last snapshot or this size.
+    pub snapshot_min_bytes: usize,
+    /// Unique per owner instance: commit ids are `{writer}-{n}`.
+    pub writer: String,
+}
+
+/// Why an event goes to the dead-letter topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Late,
+    Invalid,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Late => "late",
+            Reason::Invalid => "invalid",
+        }
+    }
+}
+
+/// An event for the dead-letter topic, written in the checkpoint that decided it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub reason: Reason,
+    pub detail: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+/// A checkpoint to commit: changelog records (encoded), dead letters, and the consumer offset.
+#[derive(Debug, Clone)]
+pub struct CheckpointPlan {
+    pub number: u64,
+    pub records: Vec<Record>,
+    pub encoded: Vec<Vec<u8>>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// The consumer offset committed with it (the resume offset).
+    pub resume_offset: i64,
+    /// Starts with a `Reset`: once committed, the log before it may be deleted.
+    pub snapshot: bool,
+    /// Events in each batch it adds to the outbox.
+    pub batch_sizes: Vec<usize>,
+}
+
+/// What the drivers must do next for this partition.
+#[derive(Debug, Default)]
+pub struct Actions {
+    pub checkpoint: Option<CheckpointPlan>,
+    pub send: Option<OutboxBatch>,
+}
+
+/// Event outcomes since the drivers last took them (for metrics).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub consumed: u64,
+    pub duplicate: u64,
+    pub conflict: u64,
+    pub late: u64,
+    pub invalid: u64,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    number: u64,
+    batches: Vec<OutboxBatch>,
+    acked: Option<i64>,
+    snapshot: bool,
+    bytes: usize,
+}
+
+/// One partition's state and protocol.
+#[derive(Debug)]
+pub struct Partition {
+    cfg: PartitionConfig,
+    cleaner: Cleaner,
+    batcher: Batcher<Event>,
+    next_offset: i64,
+    /// Below this offset every event was decided in a committed checkpoint.
+    decided_offset: i64,
+    next_seq: i64,
+    /// Committed batches not yet acknowledged, in sequence order.
+    outbox: VecDeque<OutboxBatch>,
+    sending: Option<i64>,
+    acked_through: Option<i64>,
+    acked_recorded: Option<i64>,
+    dead_letters: Vec<DeadLetter>,
+    dirty: bool,
+    last_checkpoint_ms: u64,
+    in_flight: Option<InFlight>,
+    checkpoints: u64,
+    bytes_since_snapshot: usize,
+    snapshot_bytes: usize,
+    stopped: bool,
+    keep_sending: bool,
+    counts: Counts,
+}
+
+impl Partition {
+    /// The partition as its last committed checkpoint left it. `bytes_since_snapshot` is how
+    /// much changelog the restore read after the latest snapshot began.
+    pub fn restore(cfg: PartitionConfig, state: PartitionState, bytes_since_snapshot: usize, now: u64) -> Partition {
+        let keys = state.seen_keys();
+        let marks = state.marks.into_iter().collect();
+        let resume = state.resume_offset.unwrap_or(0);
+        Partition {
+            cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now),
+            batcher: Batcher::new(cfg.batch_size, cfg.batch_linger_ms),
+            next_offset: resume,
+            decided_offset: state.decided_offset,
+            next_seq: state.next_seq,
+            outbox: state.outbox.into_values().collect(),
+            sending: None,
+            acked_through: None,
+            acked_recorded: None,
+            dead_letters: Vec::new(),
+            dirty: false,
+            last_checkpoint_ms: now,
+            in_flight: None,
+            checkpoints: 0,
+            bytes_since_snapshot,
+            snapshot_bytes: 0,
+            stopped: false,
+            keep_sending: true,
+            counts: Counts::default(),
+            cfg,
+        }
+    }
+
+    pub fn id(&self) -> i32 {
+        self.cfg.partition
+    }
+
+    /// The next offset this partition expects to read.
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    /// Batches committed and not yet acknowledged.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn buffered_len(&self) -> usize {
+        self.cleaner.buffered_len()
+    }
+
+    pub fn dedup_len(&self) -> usize {
+        self.cleaner.dedup_len()
+    }
+
+    pub fn max_watermark(&self) -> Option<i64> {
+        self.cleaner.max_watermark()
+    }
+
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// One message read at `offset`.
+    pub fn on_event(&mut self, key: Option<&[u8]>, payload: &[u8], offset: i64, now: u64) -> Actions {
+        if self.stopped || offset < self.next_offset {
+            // Stopped, or below the resume offset: the restored state already covers it.
+            return Actions::default();
+        }
+        self.next_offset = offset + 1;
+        self.dirty = true;
+        self.counts.consumed += 1;
+        let dead = match Event::from_json(payload) {
+            Err(e) => Some((Reason::Invalid, e.to_string())),
+            Ok(event) => match self.cleaner.process(event, offset, now) {
+                Outcome::Buffered => None,
+                Outcome::Duplicate => {
+                    self.counts.duplicate += 1;
+                    None
+                }
+                Outcome::Conflict => {
+                    self.counts.conflict += 1;
+                    None
+                }
+                Outcome::Late => Some((Reason::Late, "ts below the device's watermark".to_owned())),
+            },
+        };
+        // Below `decided_offset` the dead letter was written with an earlier checkpoint.
+        if let Some((reason, detail)) = dead.filter(|_| offset >= self.decided_offset) {
+            match reason {
+                Reason::Late => self.counts.late += 1,
+                Reason::Invalid => self.counts.invalid += 1,
+            }
+            self.dead_letters.push(DeadLetter {
+                reason,
+                detail,
+                key: key.map(<[u8]>::to_vec),
+                payload: payload.to_vec(),
+                source_partition: self.cfg.partition,
+                source_offset: offset,
+            });
+        }
+        self.take_released(now);
+        self.next_actions(now, false)
+    }
+
+    /// Timer: releases idle devices (judged at `quiet_at`, the latest processing time at which
+    /// nothing of the partition waited unread) and checkpoints what is due.
+    pub fn on_tick(&mut self, now: u64, quiet_at: Option<u64>) -> Actions {
+        if !self.stopped {
+            if let Some(at) = quiet_at {
+                self.cleaner.tick(at);
+            }
+            self.take_released(now);
+        }
+        self.next_actions(now, false)
+    }
+
+    /// The checkpoint `number` is committed: its batches may go to the sink.
+    pub fn on_committed(&mut self, number: u64, now: u64) -> Actions {
+        let Some(done) = self.in_flight.take_if(|f| f.number == number) else {
+            return Actions::default();
+        };
+        self.outbox.extend(done.batches);
+        if done.acked.is_some() {
+            self.acked_recorded = done.acked;
+        }
+        if done.snapshot {
+            self.snapshot_bytes = done.bytes;
+            self.bytes_since_snapshot = 0;
+        } else {
+            self.bytes_since_snapshot += done.bytes;
+        }
+        self.next_actions(now, false)
+    }
+
+    /// The sink acknowledged batch `seq` (the one in flight).
+    pub fn on_acknowledged(&mut self, seq: i64, now: u64) -> Actions {
+        if self.sending == Some(seq) {
+            self.sending = None;
+            if self.outbox.front().is_some_and(|b| b.seq == seq) {
+                self.outbox.pop_front();
+            }
+            self.acked_through = Some(seq);
+        }
+        self.next_actions(now, false)
+    }
+
+    /// The send of batch `seq` was abandoned (shutdown or revocation): it stays in the outbox.
+    pub fn on_send_abandoned(&mut self, seq: i64) {
+        if self.sending == Some(seq) {
+            self.sending = None;
+        }
+    }
+
+    /// Stops feeding the partition (revocation or shutdown); with `keep_sending`, the outbox
+    /// still goes to the sink.
+    pub fn stop(&mut self, keep_sending: bool) {
+        self.stopped = true;
+        self.keep_sending = keep_sending;
+    }
+
+    /// Checkpoints whatever is not yet recorded (if no checkpoint is in flight).
+    pub fn flush(&mut self, now: u64) -> Actions {
+        self.next_actions(now, true)
+    }
+
+    /// Nothing left to checkpoint, no checkpoint in flight, nothing being sent, and (when
+    /// still sending) an empty outbox.
+    pub fn is_settled(&self) -> bool {
+        self.in_flight.is_none()
+            && !self.has_unrecorded()
+            && self.sending.is_none()
+            && (!self.keep_sending || self.outbox.is_empty())
+    }
+
+    /// Nothing left to checkpoint and no checkpoint in flight (a send may still run).
+    pub fn is_recorded(&self) -> bool {
+        self.in_flight.is_none() && !self.has_unrecorded()
+    }
+
+    fn has_unrecorded(&self) -> bool {
+        !self.batcher.is_empty()
+            || self.dirty
+            || !self.dead_letters.is_empty()
+            || self.acked_through != self.acked_recorded
+            || self.cleaner.has_released()
+    }
+
+    fn take_released(&mut self, now: u64) {
+        if self.cleaner.has_released() {
+            let released = self.cleaner.drain_released();
+            self.batcher.extend(released.into_iter().map(|r| r.event), now);
+        }
+    }
+
+    fn next_actions(&mut self, now: u64, force: bool) -> Actions {
+        let mut actions = Actions::default();
+        if self.in_flight.is_none() {
+            let interval_passed = now.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_interval_ms;
+            let due = self.batcher.is_due(now)
+                || (interval_passed && self.has_unrecorded())
+                || (force && self.has_unrecorded());
+            if due {
+                actions.checkpoint = Some(self.checkpoint(now));
+            }
+        }
+        if self.sending.is_none() && (!self.stopped || self.keep_sending) {
+            if let Some(b) = self.outbox.front() {
+                self.sending = Some(b.seq);
+                actions.send = Some(b.clone());
+            }
+        }
+        actions
+    }
+
+    fn checkpoint(&mut self, now: u64) -> CheckpointPlan {
+        self.take_released(now);
+        let partition = self.cfg.partition;
+        let resume_offset = self.cleaner.min_buffered_offset().unwrap_or(self.next_offset);
+        let batches: Vec<OutboxBatch> = self
+            .batcher
+            .take_batches()
+            .into_iter()
+            .map(|events| {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                OutboxBatch {
+                    id: batch_id(&self.cfg.topic, partition, seq),
+                    partition,
+                    seq,
+                    events: events.len(),
+                    body: Bytes::from(serde_json::to_vec(&events).expect("events serialize")),
+                }
+            })
+            .collect();
+        let changes = self.cleaner.take_changes();
+        self.checkpoints += 1;
+        let number = self.checkpoints;
+        let snapshot = self.bytes_since_snapshot >= self.snapshot_bytes.max(self.cfg.snapshot_min_bytes);
+        let acked = (self.acked_through != self.acked_recorded).then_some(self.acked_through).flatten();
+        let mut records = if snapshot {
+            let (marks, keys) = self.cleaner.snapshot();
+            let outbox = self.outbox.iter().chain(batches.iter()).cloned();
+            PartitionState::snapshot_records(marks, keys, outbox.collect::<Vec<_>>())
+        } else {
+            let mut records: Vec<Record> = batches
+                .iter()
+                .map(|b| Record::Batch {
+                    seq: b.seq,
+                    events: b.events,
+                    body: b.body.clone(),
+                })
+                .collect();
+            let delta = StateDelta {
+                marks: changes
+                    .devices
+                    .into_iter()
+                    .map(|(d, m)| (d, m.max_ts, m.released_max))
+                    .collect(),
+                keys: changes
+                    .new_keys
+                    .into_iter()
+                    .map(|k| (k.device_id, k.ts, k.latitude_bits, k.longitude_bits))
+                    .collect(),
+                pruned: changes.pruned,
+            };
+            if delta != StateDelta::default() {
+                records.push(Record::State(delta));
+            }
+            records
+        };
+        records.push(Record::Commit(Commit {
+            id: format!("{}-{number}", self.cfg.writer),
+            resume_offset,
+            decided_offset: self.next_offset,
+            next_seq: self.next_seq,
+            // A snapshot holds only unacknowledged batches already.
+            acked_through: if snapshot { None } else { acked },
+        }));
+        let encoded: Vec<Vec<u8>> = records.iter().map(Record::encode).collect();
+        let bytes = encoded.iter().map(Vec::len).sum();
+        // Dead letters of events read so far are written with this checkpoint.
+        self.decided_offset = self.next_offset;
+        self.dirty = false;
+        self.last_checkpoint_ms = now;
+        let batch_sizes = batches.iter().map(|b| b.events).collect();
+        self.in_flight = Some(InFlight {
+            number,
+            batches,
+            acked,
+            snapshot,
+            bytes,
+        });
+        CheckpointPlan {
+            number,
+            records,
+            encoded,
+            dead_letters: std::mem::take(&mut self.dead_letters),
+            resume_offset,
+            snapshot,
+            batch_sizes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> PartitionConfig {
+        PartitionConfig {
+            topic: "t".into(),
+            partition: 2,
+            cleanup: CleanupConfig {
+                allowed_lateness_ms: 100,
+                dedup_horizon_ms: 10_000,
+                idle_timeout_ms: 1_000,
+            },
+            batch_size: 3,
+            batch_linger_ms: 50,
+            checkpoint_interval_ms: 500,
+            snapshot_min_bytes: usize::MAX,
+            writer: "w".into(),
+        }
+    }
+
+    fn ev(ts: i64) -> Vec<u8> {
+        format!(r#"{{"deviceId":"d","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
+    }
+
+    fn fresh() -> Partition {
+        Partition::restore(cfg(), PartitionState::default(), 0, 0)
+    }
+
+    /// Applies a checkpoint's records to `state`, as the changelog and the cache do.
+    fn apply(state: &mut PartitionState, plan: &CheckpointPlan) {
+        for r in &plan.records {
+            state.apply("t", 2, r);
+        }
+    }
+
+    #[test]
+    fn batches_are_sent_only_after_their_checkpoint_commits_and_one_at_a_time() {
+        let mut p = fresh();
+        let mut plan = None;
+        for (i, ts) in [1000, 1100, 1200, 1300, 1400, 1500, 1600].into_iter().enumerate() {
+            let a = p.on_event(Some(b"d"), &ev(ts), i as i64, 0);
+            assert!(a.send.is_none(), "nothing is committed yet");
+            if a.checkpoint.is_some() {
+                assert!(plan.is_none(), "one checkpoint in flight at a time");
+                plan = a.checkpoint;
+            }
+        }
+        let plan = plan.expect("a full batch made a checkpoint");
+        assert_eq!(plan.batch_sizes, vec![3]);
+        let a = p.on_committed(plan.number, 1);
+        let sent = a.send.expect("the committed batch goes out");
+        assert_eq!(sent.id, "t-2-0");
+        let next = a.checkpoint.expect("more released events wait");
+        let a = p.on_committed(next.number, 2);
+        assert!(a.send.is_none(), "the first batch is still in flight");
+        let a = p.on_acknowledged(0, 3);
+        assert_eq!(a.send.map(|b| b.seq), Some(1));
+    }
+
+    #[test]
+    fn late_and_invalid_events_go_out_with_the_checkpoint_that_decided_them() {
+        let mut p = fresh();
+        p.on_event(None, &ev(5000), 0, 0);
+        p.on_event(None, &ev(100), 1, 0);
+        p.on_event(None, b"not json", 2, 0);
+        let plan = p.flush(0).checkpoint.expect("forced");
+        let reasons: Vec<_> = plan.dead_letters.iter().map(|d| (d.reason, d.source_offset)).collect();
+        assert_eq!(reasons, vec![(Reason::Late, 1), (Reason::Invalid, 2)]);
+        let Some(Record::Commit(c)) = plan.records.last() else {
+            panic!("a checkpoint ends with its commit")
+        };
+        assert_eq!((c.resume_offset, c.decided_offset), (0, 3), "5000 still waits at offset 0");
+    }
+
+    /// Commits every checkpoint `actions` leads to at once (as a quick broker would), applying
+    /// it to `state`; returns the dead letters written and the batches sent.
+    fn commit_through(
+        p: &mut Partition,
+        state: &mut PartitionState,
+        mut actions: Actions,
+        now: u64,
+    ) -> (Vec<DeadLetter>, Vec<OutboxBatch>) {
+        let (mut letters, mut sent) = (Vec::new(), Vec::new());
+        loop {
+            sent.extend(actions.send.take());
+            let Some(plan) = actions.checkpoint.take() else {
+                return (letters, sent);
+            };
+            apply(state, &plan);
+            letters.extend(plan.dead_letters.iter().cloned());
+            actions = p.on_committed(plan.number, now);
+        }
+    }
+
+    #[test]
+    fn replay_after_restore_repeats_no_dead_letter_and_no_batch() {
+        let mut p = fresh();
+        let mut state = PartitionState::default();
+        let stream: Vec<(i64, Vec<u8>)> = vec![
+            (0, ev(1000)),
+            (1, ev(1500)),
+            (2, ev(10)),
+            (3, b"{".to_vec()),
+            (4, ev(1550)),
+            (5, ev(1460)),
+        ];
+        let mut letters = Vec::new();
+        for (o, payload) in &stream[..5] {
+            let a = p.on_event(None, payload, *o, 0);
+            letters.extend(commit_through(&mut p, &mut state, a, 0).0);
+        }
+        let a = p.flush(0);
+        letters.extend(commit_through(&mut p, &mut state, a, 0).0);
+        assert_eq!(letters.len(), 2, "one late, one invalid");
+        // A new owner restores and reads again from the resume offset.
+        let mut q = Partition::restore(cfg(), state.clone(), 0, 0);
+        let resume = state.resume_offset.expect("committed");
+        assert!(resume <= 1, "1500 and 1550 wait, so offsets from {resume} are read again");
+        let mut all = state.clone();
+        let mut again = Vec::new();
+        for (o, payload) in stream.iter().filter(|(o, _)| *o >= resume) {
+            let a = q.on_event(None, payload, *o, 10);
+            again.extend(commit_through(&mut q, &mut all, a, 10).0);
+        }
+        let a = q.on_tick(5_000, Some(5_000));
+        again.extend(commit_through(&mut q, &mut all, a, 5_000).0);
+        let a = q.flush(5_000);
+        again.extend(commit_through(&mut q, &mut all, a, 5_000).0);
+        assert!(again.is_empty(), "dead letters were written before: {again:?}");
+        let ts: Vec<i64> = all
+            .outbox
+            .values()
+            .flat_map(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b.body).expect("json"))
+            .map(|e| e["ts"].as_i64().expect("ts"))
+            .collect();
+        assert_eq!(ts, vec![1000, 1460, 1500, 1550], "each event once, in order");
+        assert_eq!(all.outbox.keys().copied().collect::<Vec<_>>(), (0..all.next_seq).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn acknowledgements_are_recorded_and_shrink_the_outbox() {
+        let mut p = fresh();
+        let mut state = PartitionState::default();
+        let mut sent = Vec::new();
+        for (i, ts) in [1000, 1100, 1200, 1300, 1400].into_iter().enumerate() {
+            let a = p.on_event(None, &ev(ts), i as i64, 0);
+            sent.extend(commit_through(&mut p, &mut state, a, 0).1);
+        }
+        let a = p.flush(0);
+        sent.extend(commit_through(&mut p, &mut state, a, 0).1);
+        assert_eq!(sent.len(), 1, "one batch in flight at a time");
+        assert_eq!(p.outbox_len(), 2, "1000..1200, then 1300");
+        let a = p.on_acknowledged(sent[0].seq, 1);
+        assert!(!p.is_recorded(), "the acknowledgement is not recorded yet");
+        let (_, more) = commit_through(&mut p, &mut state, a, 1);
+        assert_eq!(more.len(), 1, "the next batch goes once the first is acknowledged");
+        let a = p.on_acknowledged(more[0].seq, 1);
+        commit_through(&mut p, &mut state, a, 1);
+        let a = p.flush(2);
+        commit_through(&mut p, &mut state, a, 2);
+        assert!(state.outbox.is_empty(), "the recorded acknowledgement emptied the outbox");
+        assert!(p.is_settled());
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_deltas_and_rebuilds_the_same_state() {
+        let mut c = cfg();
+        c.snapshot_min_bytes = 600;
+        let mut p = Partition::restore(c, PartitionState::default(), 0, 0);
+        let mut state = PartitionState::default();
+        let mut snapshots = 0;
+        for i in 0..60 {
+            if let Some(plan) = p.on_event(None, &ev(1000 + i * 50), i, 0).checkpoint {
+                snapshots += usize::from(plan.snapshot);
+                apply(&mut state, &plan);
+                p.on_committed(plan.number, 0);
+            }
+        }
+        assert!(snapshots >= 2, "snapshots were taken: {snapshots}");
+        let plan = p.flush(0).checkpoint.expect("forced");
+        apply(&mut state, &plan);
+        p.on_committed(plan.number, 0);
+        // Replaying only from the last snapshot gives the same state as every record.
+        assert_eq!(state.next_seq, p.next_seq);
+        assert_eq!(state.key_count(), p.dedup_len());
+        assert_eq!(state.outbox.len(), p.outbox_len());
+    }
+
+    #[test]
+    fn a_stopped_partition_takes_no_events_and_sends_nothing_new() {
+        let mut p = fresh();
+        let mut plan = None;
+        for (i, ts) in [1000, 1100, 1200, 1300, 1400].into_iter().enumerate() {
+            plan = plan.or(p.on_event(None, &ev(ts), i as i64, 0).checkpoint);
+        }
+        let plan = plan.expect("a full batch made a checkpoint");
+        p.stop(false);
+        assert!(p.on_event(None, &ev(2000), 5, 0).checkpoint.is_none());
+        assert_eq!(p.next_offset(), 5);
+        let a = p.on_committed(plan.number, 0);
+        assert!(a.send.is_none(), "a revoked partition starts no send");
+        let last = a.checkpoint.or(p.flush(0).checkpoint).expect("the rest is checkpointed");
+        assert!(p.on_committed(last.number, 0).send.is_none());
+        assert!(p.is_settled(), "revoked: settled once recorded, outbox left for the next owner");
+        assert_eq!(p.outbox_len(), 2);
+    }
+}

@@ -1,0 +1,243 @@
+//! Restoring a partition's state: from the local cache when its position is still on the
+//! changelog (then only what follows it is read), otherwise from the changelog's start, which
+//! is at most one snapshot before its end. Reads committed records only (aborted checkpoints of
+//! fenced owners stay invisible). Blocking: run it off the async threads.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::changelog::{PartitionState, Record};
+use crate::store::Position;
+
+/// Where a restored state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The local cache was current.
+    Cache,
+    /// The local cache, brought up to date from the changelog.
+    CacheAndChangelog,
+    /// The changelog alone (no cache, or a stale or foreign one).
+    Changelog,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::CacheAndChangelog => "cache+changelog",
+            Source::Changelog => "changelog",
+        }
+    }
+}
+
+/// A restored partition.
+#[derive(Debug)]
+pub struct Restored {
+    pub state: PartitionState,
+    /// The last checkpoint's position (none: nothing was ever committed).
+    pub position: Option<Position>,
+    pub source: Source,
+    /// Changelog records and bytes read.
+    pub records: usize,
+    pub bytes: usize,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("reading changelog partition {partition}: {source}")]
+    Kafka {
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
+    #[error(transparent)]
+    Decode(#[from] crate::changelog::DecodeError),
+    #[error("changelog partition {partition} was not read to its end within {seconds} s")]
+    Timeout { partition: i32, seconds: u64 },
+}
+
+/// Restores `partition` of `input_topic` from `changelog`, starting from `cached` if usable.
+pub fn restore(
+    brokers: &str,
+    changelog: &str,
+    input_topic: &str,
+    partition: i32,
+    cached: Option<(PartitionState, Position)>,
+    timeout: Duration,
+) -> Result<Restored, RestoreError> {
+    let start = Instant::now();
+    let kafka = |source| RestoreError::Kafka { partition, source };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{changelog}-restore"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.max.bytes", "52428800")
+        .set("receive.message.max.bytes", "1073741824")
+        .create()
+        .map_err(kafka)?;
+    let (low, high) = consumer
+        .fetch_watermarks(changelog, partition, Duration::from_secs(10))
+        .map_err(kafka)?;
+    let mut reader = Reader {
+        consumer: &consumer,
+        changelog,
+        input_topic,
+        partition,
+        deadline: start + timeout,
+        timeout,
+        records: 0,
+        bytes: 0,
+    };
+    if let Some((state, pos)) = cached {
+        if pos.offset >= low && pos.offset < high {
+            if let Some((state, position, more)) = reader.catch_up(state, pos.clone())? {
+                return Ok(Restored {
+                    state,
+                    position: Some(position),
+                    source: if more { Source::CacheAndChangelog } else { Source::Cache },
+                    records: reader.records,
+                    bytes: reader.bytes,
+                    seconds: start.elapsed().as_secs_f64(),
+                });
+            }
+            tracing::warn!(partition, cached_offset = pos.offset, "local state cache does not match the changelog; restoring from the changelog");
+        } else if pos.offset >= high {
+            tracing::error!(
+                partition,
+                cached_offset = pos.offset,
+                changelog_end = high,
+                "the changelog ends before the local cache's position: it lost records or was recreated; restoring what it holds"
+            );
+        } else {
+            tracing::info!(partition, cached_offset = pos.offset, changelog_start = low, "local state cache is older than the changelog's start; restoring from the changelog");
+        }
+    }
+    let (state, position) = if high > low {
+        reader.read_from(low, PartitionState::default(), None)?
+    } else {
+        (PartitionState::default(), None)
+    };
+    Ok(Restored {
+        state,
+        position,
+        source: Source::Changelog,
+        records: reader.records,
+        bytes: reader.bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+struct Reader<'a> {
+    consumer: &'a BaseConsumer,
+    changelog: &'a str,
+    input_topic: &'a str,
+    partition: i32,
+    deadline: Instant,
+    timeout: Duration,
+    records: usize,
+    bytes: usize,
+}
+
+impl Reader<'_> {
+    fn assign(&self, offset: i64) -> Result<(), RestoreError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(self.changelog, self.partition, Offset::Offset(offset))
+            .and_then(|()| self.consumer.assign(&tpl))
+            .map_err(|source| RestoreError::Kafka {
+                partition: self.partition,
+                source,
+            })
+    }
+
+    /// Checks that the record at the cached position is the cached checkpoint's commit, then
+    /// applies what follows. `None` when it is not (the cache belongs to another history).
+    fn catch_up(
+        &mut self,
+        state: PartitionState,
+        pos: Position,
+    ) -> Result<Option<(PartitionState, Position, bool)>, RestoreError> {
+        self.assign(pos.offset)?;
+        let Some((offset, payload)) = self.next()? else {
+            return Ok(None);
+        };
+        let matches = offset == pos.offset
+            && matches!(Record::decode(&payload, offset), Ok(Record::Commit(c)) if c.id == pos.id);
+        if !matches {
+            return Ok(None);
+        }
+        let before = self.records;
+        let (state, position) = self.read_rest(state, Some(pos))?;
+        let more = self.records > before;
+        Ok(Some((state, position.expect("the cached position at least"), more)))
+    }
+
+    fn read_from(
+        &mut self,
+        offset: i64,
+        state: PartitionState,
+        position: Option<Position>,
+    ) -> Result<(PartitionState, Option<Position>), RestoreError> {
+        self.assign(offset)?;
+        self.read_rest(state, position)
+    }
+
+    /// Applies every committed record up to the end of the partition.
+    fn read_rest(
+        &mut self,
+        mut state: PartitionState,
+        mut position: Option<Position>,
+    ) -> Result<(PartitionState, Option<Position>), RestoreError> {
+        let mut since_snapshot = position.as_ref().map_or(0, |p| p.bytes_since_snapshot);
+        while let Some((offset, payload)) = self.next()? {
+            self.records += 1;
+            self.bytes += payload.len();
+            let record = Record::decode(&payload, offset)?;
+            if record == Record::Reset {
+                since_snapshot = 0;
+            }
+            since_snapshot += payload.len();
+            state.apply(self.input_topic, self.partition, &record);
+            if let Record::Commit(c) = &record {
+                position = Some(Position {
+                    offset,
+                    id: c.id.clone(),
+                    bytes_since_snapshot: since_snapshot,
+                });
+            }
+        }
+        Ok((state, position))
+    }
+
+    /// The next committed record, or `None` at the end of the partition.
+    fn next(&mut self) -> Result<Option<(i64, Vec<u8>)>, RestoreError> {
+        loop {
+            if Instant::now() > self.deadline {
+                return Err(RestoreError::Timeout {
+                    partition: self.partition,
+                    seconds: self.timeout.as_secs(),
+                });
+            }
+            match self.consumer.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Ok(m)) => return Ok(Some((m.offset(), m.payload().unwrap_or_default().to_vec()))),
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(RestoreError::Kafka {
+                        partition: self.partition,
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The checkpoint writer of one input partition: a thread owning that partition's
+//! transactional producer (`transactional.id` derived from group, topic and partition). Its
+//! creation fences every earlier owner of the partition; each checkpoint is one transaction
+//! holding the changelog records, the dead letters and the consumer offset. After a commit it
+//! hands the records to the local cache and reports back; after a snapshot it deletes the
+//! changelog before the snapshot.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::changelog::Record;
+use crate::failpoint::{self, Step};
+use crate::partition::{CheckpointPlan, DeadLetter};
+use crate::store::StateStore;
+
+/// Where the writer writes.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub input: String,
+    pub changelog: String,
+    pub dlq: String,
+}
+
+/// How a checkpoint ended.
+#[derive(Debug)]
+pub enum TxnOutcome {
+    Committed { number: u64, seconds: f64, snapshot: bool },
+    /// Another owner took the partition: nothing of this process may be written for it again.
+    Fenced(String),
+    /// The broker kept refusing the transaction.
+    Failed(String),
+}
+
+enum Job {
+    Checkpoint(Box<CheckpointPlan>, Option<ConsumerGroupMetadata>),
+}
+
+/// Handle to one partition's writer thread; dropping it ends the thread once its queue is done.
+#[derive(Debug)]
+pub struct TxnWriter {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
+}
+
+/// The transactional id of an input partition's writer: the same on every owner.
+pub fn transactional_id(group: &str, topic: &str, partition: i32) -> String {
+    format!("{group}-{topic}-{partition}")
+}
+
+/// Attempts at one transaction before the writer gives up (each after an abort).
+const ATTEMPTS: u32 = 5;
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl TxnWriter {
+    /// Creates the producer and initializes its transactions, which fences the previous owner
+    /// (blocking: call it off the async threads). Reports land on `done`.
+    pub fn start(
+        config: &rdkafka::ClientConfig,
+        partition: i32,
+        topics: Topics,
+        cache: StateStore,
+        admin: Arc<AdminClient<DefaultClientContext>>,
+        done: mpsc::UnboundedSender<(i32, TxnOutcome)>,
+    ) -> Result<TxnWriter, KafkaError> {
+        let producer: FutureProducer = config.create()?;
+        producer.init_transactions(CALL_TIMEOUT)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = Writer {
+            producer,
+            partition,
+            topics,
+            cache,
+            admin,
+        };
+        std::thread::Builder::new()
+            .name(format!("txn-{partition}"))
+            .spawn(move || {
+                while let Ok(Job::Checkpoint(plan, cgm)) = rx.recv() {
+                    let outcome = thread.checkpoint(&plan, cgm.as_ref());
+                    let stop = !matches!(outcome, TxnOutcome::Committed { .. });
+                    if done.send((partition, outcome)).is_err() || stop {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+        Ok(TxnWriter { jobs: tx })
+    }
+
+    /// Queues a checkpoint; its outcome arrives on the `done` channel.
+    pub fn submit(&self, plan: CheckpointPlan, cgm: Option<ConsumerGroupMetadata>) -> bool {
+        self.jobs.send(Job::Checkpoint(Box::new(plan), cgm)).is_ok()
+    }
+}
+
+struct Writer {
+    producer: FutureProducer,
+    partition: i32,
+    topics: Topics,
+    cache: StateStore,
+    admin: Arc<AdminClient<DefaultClientContext>>,
+}
+
+enum Failure {
+    Fatal(String),
+    Abortable(String),
+}
+
+fn classify(e: KafkaError) -> Failure {
+    match &e {
+        KafkaError::Transaction(t) if t.is_fatal() => Failure::Fatal(e.to_string()),
+        _ => Failure::Abortable(e.to_string()),
+    }
+}
+
+impl Writer {
+    fn checkpoint(&self, plan: &CheckpointPlan, cgm: Option<&ConsumerGroupMetadata>) -> TxnOutcome {
+        let start = Instant::now();
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match self.transaction(plan, cgm) {
+                Ok((reset_offset, commit_offset)) => {
+                    failpoint::hit(Step::AfterChangelogCommitBeforeCache);
+                    for letter in &plan.dead_letters {
+                        crate::metrics::dead_lettered(letter.reason.as_str(), 1);
+                    }
+                    self.cache.apply(self.partition, plan.records.clone(), plan.encoded.iter().map(Vec::len).collect(), commit_offset);
+                    if let Some(offset) = reset_offset {
+                        self.truncate_before(offset);
+                    }
+                    return TxnOutcome::Committed {
+                        number: plan.number,
+                        seconds: start.elapsed().as_secs_f64(),
+                        snapshot: plan.snapshot,
+                    };
+                }
+                Err(Failure::Fatal(e)) => return TxnOutcome::Fenced(e),
+                Err(Failure::Abortable(e)) => {
+                    tracing::warn!(partition = self.partition, attempt, error = %e, "checkpoint transaction failed, aborting and retrying");
+                    if let Err(e) = self.producer.abort_transaction(CALL_TIMEOUT) {
+                        if let Failure::Fatal(e) = classify(e) {
+                            return TxnOutcome::Fenced(e);
+                        }
+                    }
+                    last = e;
+                    std::thread::sleep(crate::sink::backoff(
+                        Duration::from_millis(100),
+                        Duration::from_secs(3),
+                        attempt,
+                    ));
+                }
+            }
+        }
+        TxnOutcome::Failed(last)
+    }
+
+    /// One transaction; returns the offsets of its `Reset` (for a snapshot) and its `Commit`.
+    fn transaction(
+        &self,
+        plan: &CheckpointPlan,
+        cgm: Option<&ConsumerGroupMetadata>,
+    ) -> Result<(Option<i64>, i64), Failure> {
+        self.producer.begin_transaction().map_err(classify)?;
+        let mut deliveries = Vec::with_capacity(plan.encoded.len());
+        for bytes in &plan.encoded {
+            let record = FutureRecord::<(), [u8]>::to(&self.topics.changelog)
+                .partition(self.partition)
+                .payload(bytes.as_slice());
+            deliveries.push(self.enqueue(record)?);
+        }
+        for letter in &plan.dead_letters {
+            self.enqueue_dead_letter(letter)?;
+        }
+        if let Some(cgm) = cgm {
+            let mut offsets = TopicPartitionList::new();
+            offsets
+                .add_partition_offset(&self.topics.input, self.partition, Offset::Offset(plan.resume_offset))
+                .map_err(classify)?;
+            self.producer
+                .send_offsets_to_transaction(&offsets, cgm, CALL_TIMEOUT)
+                .map_err(classify)?;
+        }
+        self.producer.commit_transaction(CALL_TIMEOUT).map_err(classify)?;
+        let offset_of = |f: DeliveryFuture| -> Result<i64, Failure> {
+            match futures::executor::block_on(f) {
+                Ok(Ok(d)) => Ok(d.offset),
+                Ok(Err((e, _))) => Err(Failure::Abortable(e.to_string())),
+                Err(_) => Err(Failure::Abortable("delivery report lost".into())),
+            }
+        };
+        let reset = matches!(plan.records.first(), Some(Record::Reset));
+        let mut deliveries = deliveries.into_iter();
+        let first = deliveries.next().expect("a checkpoint has a commit record");
+        let last = deliveries.next_back();
+        let first_offset = offset_of(first)?;
+        let commit_offset = match last {
+            Some(f) => offset_of(f)?,
+            None => first_offset,
+        };
+        Ok((reset.then_some(first_offset), commit_offset))
+    }
+
+    fn enqueue<'a>(&self, mut record: FutureRecord<'a, (), [u8]>) -> Result<DeliveryFuture, Failure> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(f) => return Ok(f),
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+
+    fn enqueue_dead_letter(&self, letter: &DeadLetter) -> Result<(), Failure> {
+        let partition = letter.source_partition.to_string();
+        let offset = letter.source_offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "reason",
+                value: Some(letter.reason.as_str()),
+            })
+            .insert(Header {
+                key: "detail",
+                value: Some(letter.detail.as_str()),
+            })
+            .insert(Header {
+                key: "source-topic",
+                value: Some(self.topics.input.as_str()),
+            })
+            .insert(Header {
+                key: "source-partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "source-offset",
+                value: Some(offset.as_str()),
+            });
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.topics.dlq)
+            .payload(letter.payload.as_slice())
+            .headers(headers);
+        if let Some(k) = &letter.key {
+            record = record.key(k.as_slice());
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(_) => return Ok(()),
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+
+    /// Deletes the changelog before a committed snapshot: restore time stays bounded by the
+    /// state's size. A failure only postpones it to the next snapshot.
+    fn truncate_before(&self, offset: i64) {
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(&self.topics.changelog, self.partition, Offset::Offset(offset))
+            .is_err()
+        {
+            return;
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        match futures::executor::block_on(self.admin.delete_records(&tpl, &opts)) {
+            Ok(_) => tracing::debug!(partition = self.partition, before = offset, "changelog truncated before snapshot"),
+            Err(e) => tracing::warn!(partition = self.partition, error = %e, "changelog truncation failed; retried after the next snapshot"),
+        }
+    }
+}
