@@ -73,7 +73,7 @@ pub fn restore(
 ) -> Result<Restored, RestoreError> {
     let start = Instant::now();
     let kafka = |source| RestoreError::Kafka { partition, source };
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<Quiet> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{changelog}-restore"))
         .set("enable.auto.commit", "false")
@@ -83,7 +83,7 @@ pub fn restore(
         .set("auto.offset.reset", "earliest")
         .set("fetch.max.bytes", "52428800")
         .set("receive.message.max.bytes", "1073741824")
-        .create()
+        .create_with_context(Quiet)
         .map_err(kafka)?;
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
@@ -137,8 +137,21 @@ pub fn restore(
     })
 }
 
+/// The restore consumer's context: reaching the end of the partition is the goal, not an error.
+struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "changelog reader error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
+
 struct Reader<'a> {
-    consumer: &'a BaseConsumer,
+    consumer: &'a BaseConsumer<Quiet>,
     changelog: &'a str,
     input_topic: &'a str,
     partition: i32,

@@ -1,6 +1,6 @@
-//! The exactly-once guarantee, end to end: the real test broker, the processor as a child
-//! process (killed with SIGKILL or aborted at failpoints), and a real ingest-api over HTTP on a
-//! real SQLite file. Each test uses its own topic, group, state store and database.
+//! The test harness: the real test broker, processors as child processes (killed, stopped,
+//! aborted at failpoints), and a real ingest-api over HTTP on a real SQLite file. Each test
+//! uses its own topic, group, state files and database.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -9,26 +9,26 @@ use std::time::{Duration, Instant};
 
 use ingest_api::{Application, Settings as ApiSettings};
 use serde_json::{json, Value};
-use test_support::{brokers, consume, create_topic, free_port, produce, unique};
+use test_support::{brokers, consume, create_topic, free_port, unique};
 use tokio::sync::oneshot;
 
-const PARTITIONS: i32 = 3;
+pub(crate) const PARTITIONS: i32 = 3;
 
 /// The sink: ingest-api in-process on a fixed port, so it can be stopped and started again.
-struct Sink {
+pub(crate) struct Sink {
     port: u16,
     db: PathBuf,
     stop: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Sink {
-    async fn start(port: u16, db: PathBuf) -> Sink {
+    pub(crate) async fn start(port: u16, db: PathBuf) -> Sink {
         let mut s = Sink { port, db, stop: None };
         s.resume().await;
         s
     }
 
-    async fn resume(&mut self) {
+    pub(crate) async fn resume(&mut self) {
         let mut settings = ApiSettings::for_tests(self.db.clone());
         settings.port = self.port;
         let start = Instant::now();
@@ -55,19 +55,19 @@ impl Sink {
         self.stop = Some((tx, task));
     }
 
-    async fn pause(&mut self) {
+    pub(crate) async fn pause(&mut self) {
         if let Some((tx, task)) = self.stop.take() {
             let _ = tx.send(());
             task.await.unwrap();
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/events/batch", self.port)
     }
 
     /// Every stored event as (deviceId, ts), in insertion order.
-    async fn events(&self) -> Vec<(String, i64)> {
+    pub(crate) async fn events(&self) -> Vec<(String, i64)> {
         let client = reqwest::Client::new();
         let mut out = Vec::new();
         for page in 1.. {
@@ -87,7 +87,7 @@ impl Sink {
         out
     }
 
-    async fn count(&self) -> u64 {
+    pub(crate) async fn count(&self) -> u64 {
         let url = format!("http://127.0.0.1:{}/events?size=1", self.port);
         match reqwest::get(url).await {
             Ok(r) => r
@@ -100,82 +100,165 @@ impl Sink {
     }
 }
 
-/// One test's world: topic, dead-letter topic, group, state store, sink, processor.
-struct Harness {
-    topic: String,
-    dlq: String,
-    group: String,
-    dir: tempfile::TempDir,
-    sink: Sink,
-    processor: Option<Child>,
-    runs: usize,
+/// One test's world: topic, dead-letter topic, group, sink, and any number of processors,
+/// each by name with its own state file and log.
+pub(crate) struct Harness {
+    pub(crate) topic: String,
+    pub(crate) dlq: String,
+    pub(crate) group: String,
+    pub(crate) partitions: i32,
+    pub(crate) dir: tempfile::TempDir,
+    keep: bool,
+    pub(crate) sink: Sink,
+    procs: HashMap<String, Child>,
+    admin_ports: HashMap<String, u16>,
+    /// Every run's log, by processor name, in start order.
+    logs: Vec<(String, PathBuf)>,
 }
 
+/// The processor of single-processor tests.
+pub(crate) const MAIN: &str = "main";
+
 impl Harness {
-    async fn new() -> Harness {
+    pub(crate) async fn new() -> Harness {
+        Harness::with_partitions(PARTITIONS).await
+    }
+
+    pub(crate) async fn with_partitions(partitions: i32) -> Harness {
         let topic = unique("eo");
         let dlq = format!("{topic}-dlq");
-        create_topic(&brokers(), &topic, PARTITIONS).await;
-        create_topic(&brokers(), &dlq, PARTITIONS).await;
-        let dir = tempfile::tempdir().unwrap();
+        create_topic(&brokers(), &topic, partitions).await;
+        create_topic(&brokers(), &dlq, partitions).await;
+        let dir = tempfile::tempdir().expect("temp dir");
         let sink = Sink::start(free_port(), dir.path().join("sink.db")).await;
         Harness {
             topic,
             dlq,
             group: unique("group"),
+            partitions,
             dir,
             sink,
-            processor: None,
-            runs: 0,
+            keep: std::env::var_os("TEST_KEEP_DIR").is_some(),
+            procs: HashMap::new(),
+            admin_ports: HashMap::new(),
+            logs: Vec::new(),
         }
     }
 
-    fn log_path(&self, run: usize) -> PathBuf {
-        self.dir.path().join(format!("processor-{run}.log"))
+    pub(crate) fn changelog(&self) -> String {
+        format!("{}-{}-changelog", self.group, self.topic)
     }
 
-    fn start_processor(&mut self, env: &[(&str, String)]) {
-        assert!(self.processor.is_none(), "a processor is already running");
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path(self.runs)).unwrap();
+    pub(crate) fn state_path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// The single-processor tests' processor: static member, state file `state.db`.
+    pub(crate) fn start_processor(&mut self, env: &[(&str, String)]) {
+        let id = format!("{}-member", self.group);
+        self.start(MAIN, Some(&id), "state.db", env);
+    }
+
+    /// Starts processor `name`: static member `instance` (dynamic when `None`), state file
+    /// `state` in the test's directory.
+    pub(crate) fn start(&mut self, name: &str, instance: Option<&str>, state: &str, env: &[(&str, String)]) {
+        assert!(!self.procs.contains_key(name), "processor {name} is already running");
+        let path = self.dir.path().join(format!("{name}-{}.log", self.logs.len()));
+        let log = std::fs::File::create(&path).expect("create log");
+        let admin_port = free_port();
+        self.admin_ports.insert(name.to_owned(), admin_port);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stream-processor"));
         cmd.env("KAFKA_BROKERS", brokers())
             .env("KAFKA_TOPIC", &self.topic)
             .env("DLQ_TOPIC", &self.dlq)
             .env("INGEST_URL", self.sink.url())
             .env("GROUP_ID", &self.group)
-            .env("GROUP_INSTANCE_ID", format!("{}-member", self.group))
-            .env("STATE_PATH", self.dir.path().join("state.db"))
-            .env("ADMIN_PORT", free_port().to_string())
+            .env("GROUP_INSTANCE_ID", instance.unwrap_or(""))
+            .env("STATE_PATH", self.dir.path().join(state))
+            .env("ADMIN_PORT", admin_port.to_string())
             .env("ADMIN_BIND_ADDR", "127.0.0.1")
-            .env("TOPIC_PARTITIONS", PARTITIONS.to_string())
+            .env("TOPIC_PARTITIONS", self.partitions.to_string())
             .env("BATCH_SIZE", "200")
             .env("BATCH_LINGER_MS", "50")
             .env("IDLE_TIMEOUT_MS", "1500")
             .env("RETRY_BACKOFF_MAX_MS", "500")
             .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stdout(Stdio::from(log.try_clone().expect("log handle")))
             .stderr(Stdio::from(log));
         for (k, v) in env {
             cmd.env(k, v);
         }
-        self.processor = Some(cmd.spawn().expect("spawn stream-processor"));
+        let child = cmd.spawn().expect("spawn stream-processor");
+        self.procs.insert(name.to_owned(), child);
+        self.logs.push((name.to_owned(), path));
     }
 
-    fn kill_processor(&mut self) {
-        if let Some(mut child) = self.processor.take() {
-            let _ = child.kill(); // SIGKILL
+    /// The status code of the processor's `/readyz` (0 when it does not answer).
+    pub(crate) async fn readyz(&self, name: &str) -> u16 {
+        let port = self.admin_ports.get(name).copied().unwrap_or(0);
+        match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    /// Waits until `name`'s logs contain `needle` `times` times.
+    pub(crate) async fn wait_log(&self, name: &str, needle: &str, times: usize, within: Duration) {
+        let start = Instant::now();
+        while self.log(name).matches(needle).count() < times {
+            assert!(
+                start.elapsed() < within,
+                "{name} did not log {needle:?} {times} times within {within:?}; logs:\n{}",
+                self.log_tails()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the sink holds at least `n` events.
+    pub(crate) async fn wait_sink(&self, n: u64, within: Duration) {
+        let start = Instant::now();
+        while self.sink.count().await < n {
+            assert!(
+                start.elapsed() < within,
+                "the sink did not reach {n} events within {within:?}; logs:\n{}",
+                self.log_tails()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+
+    /// SIGKILL.
+    pub(crate) fn kill(&mut self, name: &str) {
+        if let Some(mut child) = self.procs.remove(name) {
+            let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Waits for the processor to end by itself (a failpoint abort); returns whether it did.
-    fn wait_processor_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn kill_processor(&mut self) {
+        self.kill(MAIN);
+    }
+
+    /// Sends a signal (TERM, STOP, CONT) to a running processor.
+    pub(crate) fn signal(&self, name: &str, signal: &str) {
+        let child = self.procs.get(name).unwrap_or_else(|| panic!("processor {name} is not running"));
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {name}");
+    }
+
+    /// Waits for a processor to end by itself (a failpoint abort, SIGTERM, fencing).
+    pub(crate) fn wait_exit(&mut self, name: &str, within: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
-        let child = self.processor.as_mut()?;
         while start.elapsed() < within {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.processor = None;
+            let child = self.procs.get_mut(name)?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.procs.remove(name);
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -183,13 +266,39 @@ impl Harness {
         None
     }
 
-    fn processor_log(&self, run: usize) -> String {
-        std::fs::read_to_string(self.log_path(run)).unwrap_or_default()
+    pub(crate) fn wait_processor_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.wait_exit(MAIN, within)
+    }
+
+    /// The logs of every run of processor `name`, in start order.
+    pub(crate) fn run_logs(&self, name: &str) -> Vec<String> {
+        self.logs
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, p)| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
+    /// Every run of `name` in one text.
+    pub(crate) fn log(&self, name: &str) -> String {
+        self.run_logs(name).join("\n")
+    }
+
+    /// Every processor's log, for failure messages.
+    pub(crate) fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for (name, path) in &self.logs {
+            let log = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            out.push_str(&format!("--- {name} ({})\n{}\n", path.display(), tail.join("\n")));
+        }
+        out
     }
 
     /// Waits until the sink holds `expected` events, then a little longer to see nothing more
     /// arrives; returns the sink's contents.
-    async fn settle(&self, expected: usize, within: Duration) -> Vec<(String, i64)> {
+    pub(crate) async fn settle(&self, expected: usize, within: Duration) -> Vec<(String, i64)> {
         let start = Instant::now();
         loop {
             let n = self.sink.count().await as usize;
@@ -197,17 +306,7 @@ impl Harness {
                 break;
             }
             if start.elapsed() > within {
-                let log = self.processor_log(self.runs);
-                let tail: String = log
-                    .lines()
-                    .rev()
-                    .take(30)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                panic!("sink holds {n} of {expected} events after {within:?}; processor log tail:\n{tail}");
+                panic!("sink holds {n} of {expected} events after {within:?}; processor logs:\n{}", self.log_tails());
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -218,11 +317,23 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        self.kill_processor();
+        let names: Vec<String> = self.procs.keys().cloned().collect();
+        for name in names {
+            // A stopped process must be continued to die promptly on some kernels.
+            if let Some(child) = self.procs.get(&name) {
+                let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
+            }
+            self.kill(&name);
+        }
+        if self.keep || std::thread::panicking() {
+            // Logs and state files stay for a look (TEST_KEEP_DIR=1, or on failure).
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            eprintln!("test files kept in {}", dir.keep().display());
+        }
     }
 }
 
-fn payload(device: &str, ts: i64) -> Vec<u8> {
+pub(crate) fn payload(device: &str, ts: i64) -> Vec<u8> {
     // Coordinates derived from the identity, so a resend is an exact duplicate.
     json!({"deviceId": device, "ts": ts, "latitude": 37.0 + (ts % 1000) as f64 / 1e4, "longitude": -122.0 - (ts % 777) as f64 / 1e4})
         .to_string()
@@ -231,14 +342,14 @@ fn payload(device: &str, ts: i64) -> Vec<u8> {
 
 /// A crafted stream: per device, distinct events 100 ms apart delivered with reordering within
 /// 2 s (lateness is 5 s), exact duplicates, a few events 20 s too late, and invalid payloads.
-struct Crafted {
-    records: Vec<(Option<String>, Vec<u8>)>,
-    expected: HashMap<String, Vec<i64>>,
-    late: HashSet<(String, i64)>,
-    invalid: usize,
+pub(crate) struct Crafted {
+    pub(crate) records: Vec<(Option<String>, Vec<u8>)>,
+    pub(crate) expected: HashMap<String, Vec<i64>>,
+    pub(crate) late: HashSet<(String, i64)>,
+    pub(crate) invalid: usize,
 }
 
-fn crafted(devices: usize, per_device: i64, seed: u64) -> Crafted {
+pub(crate) fn crafted(devices: usize, per_device: i64, seed: u64) -> Crafted {
     let mut rng = seed.max(1);
     let mut next = move || {
         rng ^= rng << 13;
@@ -293,7 +404,7 @@ fn crafted(devices: usize, per_device: i64, seed: u64) -> Crafted {
 }
 
 /// The sink's contents are exactly the expected events, each device's in ts order.
-fn assert_exactly(stored: &[(String, i64)], expected: &HashMap<String, Vec<i64>>) {
+pub(crate) fn assert_exactly(stored: &[(String, i64)], expected: &HashMap<String, Vec<i64>>) {
     let mut seen = HashSet::new();
     let dups: Vec<_> = stored
         .iter()
@@ -321,7 +432,7 @@ fn assert_exactly(stored: &[(String, i64)], expected: &HashMap<String, Vec<i64>>
     assert_eq!(stored.len(), total, "sink holds events that were not expected");
 }
 
-fn dead_letters(h: &Harness, expected: usize) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn dead_letters(h: &Harness, expected: usize) -> Vec<(String, Vec<u8>)> {
     consume(&brokers(), &h.dlq, expected, Duration::from_secs(20))
         .into_iter()
         .map(|m| {
@@ -339,79 +450,9 @@ fn dead_letters(h: &Harness, expected: usize) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crafted_stream_reaches_the_sink_exactly_once_in_order_with_late_and_invalid_in_the_dlq() {
-    let mut h = Harness::new().await;
-    let c = crafted(6, 700, 7);
-    produce(&brokers(), &h.topic, &c.records).await;
-    h.start_processor(&[]);
-    let total: usize = c.expected.values().map(Vec::len).sum();
-    let stored = h.settle(total, Duration::from_secs(90)).await;
-    assert_exactly(&stored, &c.expected);
-
-    let letters = dead_letters(&h, c.late.len() + c.invalid);
-    let late: HashSet<(String, i64)> = letters
-        .iter()
-        .filter(|(r, _)| r == "late")
-        .map(|(_, p)| {
-            let v: Value = serde_json::from_slice(p).unwrap();
-            (
-                v["deviceId"].as_str().unwrap().to_owned(),
-                v["ts"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(late, c.late, "late events in the dead-letter topic");
-    assert_eq!(
-        letters.iter().filter(|(r, _)| r == "invalid").count(),
-        c.invalid,
-        "invalid payloads in the dead-letter topic"
-    );
-}
-
-async fn failpoint_scenario(step: &str, hit: u64) {
-    let mut h = Harness::new().await;
-    let c = crafted(4, 500, 11);
-    produce(&brokers(), &h.topic, &c.records).await;
-    h.start_processor(&[("FAILPOINT", step.to_owned()), ("FAILPOINT_HIT", hit.to_string())]);
-    let status = h
-        .wait_processor_exit(Duration::from_secs(90))
-        .expect("processor did not reach the failpoint");
-    assert!(!status.success(), "processor should have aborted at {step}");
-    assert!(
-        h.processor_log(1)
-            .contains(&format!("failpoint {step}: aborting")),
-        "abort was not at {step}"
-    );
-    h.start_processor(&[]);
-    let total: usize = c.expected.values().map(Vec::len).sum();
-    let stored = h.settle(total, Duration::from_secs(90)).await;
-    assert_exactly(&stored, &c.expected);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_after_consume_before_checkpoint_then_restart_gives_identical_sink() {
-    failpoint_scenario("after_consume_before_checkpoint", 3).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_after_checkpoint_before_post_then_restart_gives_identical_sink() {
-    failpoint_scenario("after_checkpoint_before_post", 3).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_after_post_before_ack_recorded_then_restart_gives_identical_sink() {
-    failpoint_scenario("after_post_before_ack_recorded", 3).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_after_changelog_commit_before_cache_then_restart_gives_identical_sink() {
-    failpoint_scenario("after_changelog_commit_before_cache", 3).await;
-}
-
 /// Distinct events for `devices` devices, `n` in all, reordered within 2 s and with 5%
 /// duplicates, as records in arrival order.
-fn steady_stream(
+pub(crate) fn steady_stream(
     devices: usize,
     n: usize,
     seed: u64,
@@ -455,83 +496,3 @@ fn steady_stream(
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_random_kills_during_a_100k_event_stream_lose_and_duplicate_nothing() {
-    let mut h = Harness::new().await;
-    let (records, expected) = steady_stream(8, 100_000, 42);
-    let topic = h.topic.clone();
-    // About 20 s of production at a steady rate, while the processor is killed and restarted.
-    let producer = tokio::spawn(async move {
-        for chunk in records.chunks(1000) {
-            produce(&brokers(), &topic, chunk).await;
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
-    });
-    h.start_processor(&[]);
-    let mut rng = 99u64;
-    let mut kills = 0;
-    while kills < 10 {
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        tokio::time::sleep(Duration::from_millis(800 + (rng >> 33) % 1700)).await;
-        h.kill_processor();
-        kills += 1;
-        h.start_processor(&[]);
-    }
-    producer.await.unwrap();
-    let total: usize = expected.values().map(Vec::len).sum();
-    let stored = h.settle(total, Duration::from_secs(180)).await;
-    assert_exactly(&stored, &expected);
-    // Restarted processors got their partitions back at once (static membership).
-    let mut times = Vec::new();
-    for run in 2..=h.runs {
-        let log = h.processor_log(run);
-        if let Some(line) = log
-            .lines()
-            .find(|l| l.contains("first batch delivered since start"))
-        {
-            let secs: f64 = line
-                .split("seconds=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(f64::NAN);
-            times.push(secs);
-        }
-    }
-    eprintln!("restart-to-first-batch seconds: {times:?}");
-    assert!(times.len() >= 5, "most restarts delivered a batch: {times:?}");
-    assert!(
-        times.iter().all(|t| *t < 15.0),
-        "a restart waited too long for its first batch: {times:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sink_down_for_seconds_mid_stream_loses_and_duplicates_nothing() {
-    let mut h = Harness::new().await;
-    let (records, expected) = steady_stream(5, 20_000, 5);
-    let (first, second) = records.split_at(records.len() / 2);
-    produce(&brokers(), &h.topic, first).await;
-    h.start_processor(&[]);
-    let start = Instant::now();
-    while h.sink.count().await < 2_000 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "processor delivered nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    h.sink.pause().await;
-    produce(&brokers(), &h.topic, second).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    h.sink.resume().await;
-    let total: usize = expected.values().map(Vec::len).sum();
-    let stored = h.settle(total, Duration::from_secs(120)).await;
-    assert_exactly(&stored, &expected);
-    assert!(
-        h.processor_log(1).contains("sink request failed, retrying"),
-        "the outage was noticed and retried"
-    );
-}
