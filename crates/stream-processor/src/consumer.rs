@@ -32,8 +32,9 @@ pub enum Input {
     Messages(Vec<Msg>),
     /// Restore these partitions; answer each one's start offset (`None`: the beginning).
     Assign(Vec<i32>, std::sync::mpsc::SyncSender<Vec<(i32, Option<i64>)>>),
-    /// Checkpoint and release these partitions; answer when done.
-    Revoke(Vec<i32>, std::sync::mpsc::SyncSender<()>),
+    /// Checkpoint and release these partitions; answer when done. `lost`: the group already
+    /// gave them to another member (membership lost): release them without a checkpoint.
+    Revoke(Vec<i32>, bool, std::sync::mpsc::SyncSender<()>),
     /// The consumer cannot go on (for example fenced by a member with the same instance id).
     Fatal(String),
 }
@@ -61,7 +62,7 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if tokio::runtime::Handle::try_current().is_ok() {
             // Only the final close can land on a runtime thread, after the pipeline released
             // every partition: nothing to hand over, and blocking there is not allowed.
@@ -91,9 +92,14 @@ impl ConsumerContext for Ctx {
                 if parts.is_empty() {
                     return;
                 }
-                tracing::info!(partitions = ?parts, "partitions revoked; checkpointing them");
+                let lost = consumer.assignment_lost();
+                if lost {
+                    tracing::warn!(partitions = ?parts, "partitions lost (this member's group membership was lost); dropping them without a checkpoint");
+                } else {
+                    tracing::info!(partitions = ?parts, "partitions revoked; checkpointing them");
+                }
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                if self.inputs.blocking_send(Input::Revoke(parts, tx)).is_ok() {
+                if self.inputs.blocking_send(Input::Revoke(parts, lost, tx)).is_ok() {
                     let _ = rx.recv();
                 }
             }

@@ -98,7 +98,7 @@ pub(crate) fn init() {
     }
     counter!("stream_processor_sink_retries_total").increment(0);
     counter!("stream_processor_snapshots_total").increment(0);
-    for source in ["cache", "cache+changelog", "changelog"] {
+    for source in ["cache", "cache+changelog", "changelog", "cache-ahead-of-changelog"] {
         counter!("stream_processor_restores_total", "source" => source).increment(0);
     }
     gauge!("stream_processor_partitions_owned").set(0.0);

@@ -255,7 +255,7 @@ impl Partition {
             self.snapshot_bytes = done.bytes;
             self.bytes_since_snapshot = 0;
         } else {
-            self.bytes_since_snapshot += done.bytes;
+            self.bytes_since_snapshot = self.bytes_since_snapshot.saturating_add(done.bytes);
         }
         self.next_actions(now, false)
     }

@@ -241,8 +241,8 @@ impl Pipeline {
                 let _ = reply.send(offsets);
                 Ok(())
             }
-            Input::Revoke(parts, reply) => {
-                self.revoke(&parts).await?;
+            Input::Revoke(parts, lost, reply) => {
+                self.revoke(&parts, lost).await?;
                 let _ = reply.send(());
                 Ok(())
             }
@@ -407,8 +407,16 @@ impl Pipeline {
     }
 
     /// Hands `parts` over: stop feeding them, checkpoint what was released, let the batch in
-    /// flight finish within the revoke timeout, drop them.
-    async fn revoke(&mut self, parts: &[i32]) -> anyhow::Result<()> {
+    /// flight finish within the revoke timeout, drop them. Lost partitions (another member may
+    /// own them already) are dropped at once: their next owner resumes from the last commit.
+    async fn revoke(&mut self, parts: &[i32], lost: bool) -> anyhow::Result<()> {
+        if lost {
+            for &p in parts {
+                self.release(p);
+            }
+            metrics::partitions_owned(self.owned.len());
+            return Ok(());
+        }
         let now = self.now_ms();
         for &p in parts {
             if let Some(o) = self.owned.get_mut(&p) {
@@ -515,7 +523,7 @@ impl Pipeline {
                     Some(Input::Assign(parts, reply)) => {
                         let _ = reply.send(parts.into_iter().map(|p| (p, None)).collect());
                     }
-                    Some(Input::Revoke(_, reply)) => {
+                    Some(Input::Revoke(_, _, reply)) => {
                         let _ = reply.send(());
                     }
                     Some(_) => {}

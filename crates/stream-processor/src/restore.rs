@@ -23,6 +23,8 @@ pub enum Source {
     CacheAndChangelog,
     /// The changelog alone (no cache, or a stale or foreign one).
     Changelog,
+    /// The local cache, which is ahead of a changelog that lost records.
+    CacheAheadOfChangelog,
 }
 
 impl Source {
@@ -31,6 +33,7 @@ impl Source {
             Source::Cache => "cache",
             Source::CacheAndChangelog => "cache+changelog",
             Source::Changelog => "changelog",
+            Source::CacheAheadOfChangelog => "cache-ahead-of-changelog",
         }
     }
 }
@@ -112,12 +115,26 @@ pub fn restore(
             }
             tracing::warn!(partition, cached_offset = pos.offset, "local state cache does not match the changelog; restoring from the changelog");
         } else if pos.offset >= high {
-            tracing::error!(
+            // The broker lost committed records (or the topic was recreated): the cache holds a
+            // later committed checkpoint than the changelog. It is the better truth; the first
+            // checkpoint then writes a full snapshot, so the changelog holds it again.
+            tracing::warn!(
                 partition,
                 cached_offset = pos.offset,
                 changelog_end = high,
-                "the changelog ends before the local cache's position: it lost records or was recreated; restoring what it holds"
+                "the changelog ends before the local cache's position (the broker lost records, or the topic was recreated); restoring from the cache and re-seeding the changelog with a snapshot"
             );
+            return Ok(Restored {
+                state,
+                position: Some(Position {
+                    bytes_since_snapshot: usize::MAX,
+                    ..pos
+                }),
+                source: Source::CacheAheadOfChangelog,
+                records: 0,
+                bytes: 0,
+                seconds: start.elapsed().as_secs_f64(),
+            });
         } else {
             tracing::info!(partition, cached_offset = pos.offset, changelog_start = low, "local state cache is older than the changelog's start; restoring from the changelog");
         }
