@@ -1,7 +1,10 @@
 //! Processor benchmark (run by scripts/bench-processor against a fresh broker): fills a topic
 //! with BENCH_EVENTS events (5% duplicates, 10% reordered within 2 s), then measures in one run
 //! the raw consumer read rate of that topic, the raw sink rate (ingest-api, 1000-event batches,
-//! one client per partition), and the processor draining the topic into a fresh ingest-api.
+//! one client per partition), and the processor draining the topic into a fresh ingest-api
+//! (with its checkpoints: Kafka transactions on the changelog, the local cache). Then it times
+//! the restore of one partition holding BENCH_RESTORE_KEYS (1,000,000) dedup keys, from the
+//! changelog alone and from the local cache.
 
 use std::collections::VecDeque;
 use std::process::{Child, Command, Stdio};
@@ -331,5 +334,91 @@ async fn main() {
     println!(
         "ratio processor / min(raw consume, raw sink) = {:.2} (target >= 0.50)",
         proc_rate / floor
+    );
+    let keys: usize = env("BENCH_RESTORE_KEYS", "1000000").parse().expect("BENCH_RESTORE_KEYS");
+    tokio::task::spawn_blocking(move || restore_bench(&brokers, &topic, &dir, keys))
+        .await
+        .expect("restore bench");
+}
+
+/// Writes one partition's state with `keys` dedup keys (1,000 devices) as a committed snapshot
+/// on a changelog, then restores it from the changelog and from the local cache.
+fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use stream_processor::changelog::{Commit, PartitionState, Record};
+    use stream_processor::store::{Position, StateStore};
+    let changelog = format!("{topic}-restore-changelog");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(service_common::kafka::ensure_topic(brokers, &changelog, 1, 1))
+        .expect("changelog topic");
+    let devices = 1000usize;
+    let per_device = keys.div_ceil(devices);
+    let mut state = PartitionState {
+        resume_offset: Some(keys as i64),
+        decided_offset: keys as i64,
+        next_seq: 1000,
+        ..PartitionState::default()
+    };
+    for d in 0..devices {
+        let id = format!("bench-device-{d}");
+        let base = 1_700_000_000_000i64;
+        state.marks.insert(
+            id.clone(),
+            telemetry_core::DeviceMark {
+                max_ts: base + per_device as i64 * 10,
+                released_max: base + per_device as i64 * 10 - 5000,
+            },
+        );
+        let m = state.keys.entry(id).or_default();
+        for i in 0..per_device {
+            m.insert(base + i as i64 * 10, ((37.7f64).to_bits(), (-122.4f64).to_bits()));
+        }
+    }
+    let mut records = state.to_records("bench-1");
+    if let Some(Record::Commit(Commit { resume_offset, .. })) = records.last_mut() {
+        *resume_offset = keys as i64;
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("transactional.id", format!("{changelog}-writer"))
+        .set("message.max.bytes", "16777216")
+        .create()
+        .expect("producer");
+    producer.init_transactions(Duration::from_secs(30)).expect("init");
+    producer.begin_transaction().expect("begin");
+    let mut bytes = 0;
+    for r in &records {
+        let payload = r.encode();
+        bytes += payload.len();
+        loop {
+            match producer.send(BaseRecord::<(), [u8]>::to(&changelog).partition(0).payload(&payload)) {
+                Ok(()) => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+    producer.commit_transaction(Duration::from_secs(120)).expect("commit");
+    let timeout = Duration::from_secs(600);
+    let from_log = stream_processor::restore::restore(brokers, &changelog, topic, 0, None, timeout).expect("restore");
+    assert_eq!(from_log.state.key_count(), state.key_count(), "every key restored");
+    println!(
+        "restore of a partition with {} dedup keys ({} records, {:.1} MB) from the changelog: {:.2} s",
+        from_log.state.key_count(),
+        from_log.records,
+        bytes as f64 / 1e6,
+        from_log.seconds
+    );
+    let position: Position = from_log.position.clone().expect("a committed position");
+    let cache = StateStore::open(&dir.join("restore-cache.db"), &changelog, topic).expect("cache");
+    cache.replace(0, &from_log.state, &position);
+    rt.block_on(cache.sync()).expect("cache written");
+    let start = Instant::now();
+    let cached = rt.block_on(cache.load(0)).expect("load");
+    let from_cache = stream_processor::restore::restore(brokers, &changelog, topic, 0, cached, timeout).expect("restore");
+    assert_eq!(from_cache.state.key_count(), state.key_count());
+    println!(
+        "restore of the same partition from the local cache (source {}): {:.2} s",
+        from_cache.source.as_str(),
+        start.elapsed().as_secs_f64()
     );
 }

@@ -11,11 +11,9 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset};
 use tokio::sync::mpsc;
 
-use crate::metrics;
 
 /// One message, owned.
 #[derive(Debug)]
@@ -42,24 +40,14 @@ pub enum Input {
 /// Messages per chunk handed over.
 const CHUNK: usize = 512;
 
-/// The consumer's context: the rebalance handshake and lag gauges from statistics.
+/// The consumer's context: the rebalance handshake.
 #[derive(Debug)]
 pub struct Ctx {
     topic: String,
     inputs: mpsc::Sender<Input>,
 }
 
-impl ClientContext for Ctx {
-    fn stats(&self, statistics: Statistics) {
-        if let Some(topic) = statistics.topics.get(&self.topic) {
-            for (p, stats) in &topic.partitions {
-                if *p >= 0 && stats.consumer_lag >= 0 {
-                    metrics::lag(*p, stats.consumer_lag);
-                }
-            }
-        }
-    }
-}
+impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -111,7 +99,7 @@ impl ConsumerContext for Ctx {
 pub type GroupConsumer = BaseConsumer<Ctx>;
 
 /// Builds the group consumer: auto-commit off (offsets go in checkpoint transactions), static
-/// membership when `instance_id` is set, statistics for lag.
+/// membership when `instance_id` is set.
 pub fn create(
     brokers: &str,
     group: &str,
@@ -131,7 +119,6 @@ pub fn create(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .set("statistics.interval.ms", "5000")
         .set("fetch.wait.max.ms", "50")
         // Ask for modest fetches, but accept large ones: the test broker answers a fetch with
         // everything it has, past fetch.max.bytes.

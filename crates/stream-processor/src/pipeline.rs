@@ -38,6 +38,9 @@ use crate::Settings;
 /// An assigned partition: its state machine, its writer, and the token that stops its sends.
 #[derive(Debug)]
 struct Owned {
+    /// Which assignment of the partition in this process: results of an earlier one (a writer
+    /// or a send still finishing after its partition was lost) are ignored.
+    generation: u64,
     core: Partition,
     writer: TxnWriter,
     cancel: CancellationToken,
@@ -52,7 +55,8 @@ struct Restorer {
     admin: Arc<AdminClient<DefaultClientContext>>,
     producer_config: ClientConfig,
     topics: Topics,
-    txn_done: mpsc::UnboundedSender<(i32, TxnOutcome)>,
+    txn_done: mpsc::UnboundedSender<(i32, u64, TxnOutcome)>,
+    consumer: Arc<GroupConsumer>,
     writer_prefix: String,
 }
 
@@ -65,9 +69,9 @@ pub struct Pipeline {
     restorer: Restorer,
     sink: Sink,
     health: Arc<Health>,
-    txn_done: mpsc::UnboundedReceiver<(i32, TxnOutcome)>,
-    acks_tx: mpsc::UnboundedSender<(i32, i64, Delivery)>,
-    acks: mpsc::UnboundedReceiver<(i32, i64, Delivery)>,
+    txn_done: mpsc::UnboundedReceiver<(i32, u64, TxnOutcome)>,
+    acks_tx: mpsc::UnboundedSender<(i32, u64, i64, Delivery)>,
+    acks: mpsc::UnboundedReceiver<(i32, u64, i64, Delivery)>,
     owned: HashMap<i32, Owned>,
     assignments: u64,
     clock: Instant,
@@ -145,6 +149,7 @@ impl Pipeline {
                 producer_config,
                 topics,
                 txn_done: txn_tx,
+                consumer: Arc::clone(&consumer),
                 writer_prefix,
             },
             settings,
@@ -189,8 +194,8 @@ impl Pipeline {
                 // timer still runs under sustained input (checked below).
                 biased;
                 _ = &mut shutdown => break Ok(()),
-                Some((p, outcome)) = self.txn_done.recv() => self.on_txn(p, outcome),
-                Some((p, seq, d)) = self.acks.recv() => self.on_ack(p, seq, d),
+                Some((p, generation, outcome)) = self.txn_done.recv() => self.on_txn(p, generation, outcome),
+                Some((p, generation, seq, d)) = self.acks.recv() => self.on_ack(p, generation, seq, d),
                 input = self.inputs.recv() => match input {
                     Some(input) => self.on_input(input).await,
                     None => Err(anyhow!("the consumer thread stopped")),
@@ -260,8 +265,7 @@ impl Pipeline {
             for &events in &plan.batch_sizes {
                 metrics::emitted(events);
             }
-            let cgm = self.consumer.as_deref().and_then(|c| c.group_metadata());
-            if !o.writer.submit(plan, cgm) {
+            if !o.writer.submit(plan) {
                 bail!("the checkpoint writer of partition {p} stopped");
             }
         }
@@ -269,15 +273,26 @@ impl Pipeline {
             let sink = self.sink.clone();
             let cancel = o.cancel.clone();
             let acks = self.acks_tx.clone();
+            let generation = o.generation;
             tokio::spawn(async move {
                 let d = sink.deliver(&batch, &cancel).await;
-                let _ = acks.send((p, batch.seq, d));
+                let _ = acks.send((p, generation, batch.seq, d));
             });
         }
         Ok(())
     }
 
-    fn on_txn(&mut self, p: i32, outcome: TxnOutcome) -> anyhow::Result<()> {
+    fn owns(&self, p: i32, generation: u64) -> bool {
+        self.owned.get(&p).is_some_and(|o| o.generation == generation)
+    }
+
+    fn on_txn(&mut self, p: i32, generation: u64, outcome: TxnOutcome) -> anyhow::Result<()> {
+        if !self.owns(p, generation) {
+            // A writer of a partition released since (lost while committing): whatever it says
+            // concerns an owner that no longer exists here.
+            tracing::debug!(partition = p, generation, "result of a released partition's writer ignored");
+            return Ok(());
+        }
         match outcome {
             TxnOutcome::Committed { number, seconds, snapshot } => {
                 metrics::checkpoint(seconds, snapshot);
@@ -297,7 +312,10 @@ impl Pipeline {
         }
     }
 
-    fn on_ack(&mut self, p: i32, seq: i64, delivery: Delivery) -> anyhow::Result<()> {
+    fn on_ack(&mut self, p: i32, generation: u64, seq: i64, delivery: Delivery) -> anyhow::Result<()> {
+        if !self.owns(p, generation) {
+            return Ok(());
+        }
         let now = self.now_ms();
         match delivery {
             Delivery::Acknowledged { replayed } => {
@@ -325,6 +343,7 @@ impl Pipeline {
     fn on_tick(&mut self) -> anyhow::Result<()> {
         let now = self.now_ms();
         self.last_tick_ms = now;
+        let high_watermarks = self.high_watermarks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let parts: Vec<i32> = self.owned.keys().copied().collect();
         for p in parts {
             let quiet_at = self.quiet_at(p);
@@ -334,6 +353,11 @@ impl Pipeline {
             let delay = o.core.max_watermark().map(|wm| (wall_clock_ms() - wm) as f64 / 1000.0);
             metrics::partition_gauges(p, o.core.buffered_len(), o.core.dedup_len(), delay);
             metrics::outbox(p, o.core.outbox_len());
+            // Lag from the high watermark the watcher last saw (librdkafka's own figure needs
+            // offsets committed by the consumer; here the checkpoint transactions commit them).
+            if let Some(high) = high_watermarks.get(&p).map(|(h, _)| *h).filter(|h| *h >= 0) {
+                metrics::lag(p, (high - o.core.next_offset()).max(0));
+            }
             self.act(p, actions)?;
             self.apply_backpressure(p);
         }
@@ -378,16 +402,17 @@ impl Pipeline {
         let now = self.now_ms();
         let restores = new.iter().map(|&p| {
             self.assignments += 1;
-            let writer = format!("{}.{p}.{}", self.restorer.writer_prefix, self.assignments);
-            self.restorer.clone().take_over(p, writer, now)
+            self.restorer.clone().take_over(p, self.assignments, now)
         });
         for result in futures::future::join_all(restores).await {
-            let (p, core, writer) = result?;
+            let (p, generation, core, writer) = result?;
+            self.resume_partition(p);
             self.high_watermarks
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(p, (-1, 0));
             let mut owned = Owned {
+                generation,
                 core,
                 writer,
                 cancel: CancellationToken::new(),
@@ -460,10 +485,19 @@ impl Pipeline {
                 return Ok(());
             }
             tokio::select! {
-                Some((p, outcome)) = self.txn_done.recv() => self.on_txn(p, outcome)?,
-                Some((p, seq, d)) = self.acks.recv() => self.on_ack(p, seq, d)?,
+                Some((p, generation, outcome)) = self.txn_done.recv() => self.on_txn(p, generation, outcome)?,
+                Some((p, generation, seq, d)) = self.acks.recv() => self.on_ack(p, generation, seq, d)?,
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
+        }
+    }
+
+    /// Clears a pause this process set on `p` (librdkafka keeps it across reassignment).
+    fn resume_partition(&self, p: i32) {
+        if let Some(consumer) = self.consumer.as_deref() {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.settings.kafka_topic, p);
+            let _ = consumer.resume(&tpl);
         }
     }
 
@@ -471,6 +505,9 @@ impl Pipeline {
         if let Some(o) = self.owned.remove(&p) {
             o.cancel.cancel();
             drop(o.writer);
+            if o.paused {
+                self.resume_partition(p);
+            }
         }
         self.health.blocked.clear(p);
         self.high_watermarks
@@ -507,9 +544,19 @@ impl Pipeline {
     }
 
     /// Stops the consumer thread and answers its last rebalance callbacks until it has closed.
-    async fn close(mut self) {
-        self.consumer_stop.store(true, Ordering::SeqCst);
-        self.consumer = None;
+    async fn close(self) {
+        // Only the input channel is kept: every other holder of the consumer goes, so the
+        // consumer thread's drop is the last one and closes it there.
+        let Pipeline {
+            mut inputs,
+            consumer_stop,
+            consumer,
+            restorer,
+            ..
+        } = self;
+        drop(consumer);
+        drop(restorer);
+        consumer_stop.store(true, Ordering::SeqCst);
         let deadline = tokio::time::sleep(Duration::from_secs(15));
         tokio::pin!(deadline);
         loop {
@@ -518,7 +565,7 @@ impl Pipeline {
                     tracing::warn!("the consumer did not close in time");
                     return;
                 }
-                input = self.inputs.recv() => match input {
+                input = inputs.recv() => match input {
                     None => return,
                     Some(Input::Assign(parts, reply)) => {
                         let _ = reply.send(parts.into_iter().map(|p| (p, None)).collect());
@@ -550,20 +597,23 @@ impl Restorer {
 
     /// Fences p's earlier owners (by initializing p's transactional producer), then restores
     /// p's last committed state.
-    async fn take_over(self, p: i32, writer_id: String, now: u64) -> anyhow::Result<(i32, Partition, TxnWriter)> {
+    async fn take_over(self, p: i32, generation: u64, now: u64) -> anyhow::Result<(i32, u64, Partition, TxnWriter)> {
+        let writer_id = format!("{}.{p}.{generation}", self.writer_prefix);
         let s = Arc::clone(&self.settings);
         let mut config = self.producer_config.clone();
         config.set(
             "transactional.id",
             txn::transactional_id(&s.group_id, &s.kafka_topic, p),
         );
-        let (topics, cache, admin, done) = (
+        let (topics, cache, admin, consumer, done) = (
             self.topics.clone(),
             self.cache.clone(),
             Arc::clone(&self.admin),
+            Arc::clone(&self.consumer),
             self.txn_done.clone(),
         );
-        let writer = tokio::task::spawn_blocking(move || TxnWriter::start(&config, p, topics, cache, admin, done))
+        let writer =
+            tokio::task::spawn_blocking(move || TxnWriter::start(&config, p, generation, topics, cache, admin, consumer, done))
             .await?
             .with_context(|| format!("partition {p}: initializing its transactional producer"))?;
         failpoint::hit(Step::DuringRestore);
@@ -579,11 +629,14 @@ impl Restorer {
         let restored = tokio::task::spawn_blocking(move || restore::restore(&brokers, &changelog, &topic, p, cached, timeout))
             .await?
             .with_context(|| format!("partition {p}: restoring its state"))?;
-        if restored.source == Source::Changelog {
-            if let Some(pos) = &restored.position {
-                self.cache.replace(p, &restored.state, pos);
-            }
+        // The cache must hold exactly the restored state before the writer applies deltas to
+        // it: rewrite it whenever the changelog added anything, forget it if there is nothing.
+        match (&restored.position, restored.source) {
+            (None, _) => self.cache.clear(p),
+            (Some(pos), Source::Changelog | Source::CacheAndChangelog) => self.cache.replace(p, &restored.state, pos),
+            (Some(_), Source::Cache | Source::CacheAheadOfChangelog) => {}
         }
+        writer.set_base(restored.position.as_ref().map(|pos| (pos.offset, pos.id.clone())));
         metrics::restored(restored.source.as_str(), restored.seconds);
         tracing::info!(
             partition = p,
@@ -600,7 +653,7 @@ impl Restorer {
         );
         let since_snapshot = restored.position.as_ref().map_or(0, |p| p.bytes_since_snapshot);
         let core = Partition::restore(self.partition_config(p, writer_id), restored.state, since_snapshot, now);
-        Ok((p, core, writer))
+        Ok((p, generation, core, writer))
     }
 }
 

@@ -35,7 +35,7 @@ impl Application {
         crate::failpoint::arm(settings.failpoint, settings.failpoint_hit);
         let _ = service_common::metrics_handle();
         crate::metrics::init();
-        let cache = StateStore::open(&settings.state_path, &settings.kafka_topic)
+        let cache = StateStore::open(&settings.state_path, &settings.changelog(), &settings.kafka_topic)
             .with_context(|| format!("opening state store {}", settings.state_path.display()))?;
         let brokers = settings.kafka_brokers.clone();
         for topic in [&settings.kafka_topic, &settings.dlq_topic] {

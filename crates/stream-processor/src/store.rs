@@ -5,7 +5,8 @@
 //! so this file needs no fsync per checkpoint (`synchronous=NORMAL`: a power cut may only make
 //! it older).
 //!
-//! One thread owns the connection; callers send it jobs, in order.
+//! Rows are keyed by the changelog topic and partition. One thread owns the connection;
+//! callers send it jobs, in order.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -43,7 +44,10 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 #[derive(Debug, Clone)]
 pub struct StateStore {
     jobs: std::sync::mpsc::Sender<Job>,
+    /// The changelog topic: the rows' key.
     topic: String,
+    /// The input topic: batch ids are `{input}-{partition}-{seq}`.
+    input_topic: String,
 }
 
 const SCHEMA: &str = "
@@ -71,8 +75,9 @@ CREATE TABLE IF NOT EXISTS cached_outbox (
 ";
 
 impl StateStore {
-    /// Opens (creating the file, its directory and the schema) the store for `topic`.
-    pub fn open(path: &Path, topic: &str) -> Result<StateStore> {
+    /// Opens (creating the file, its directory and the schema) the store for the changelog
+    /// topic `topic` of the input topic `input_topic`.
+    pub fn open(path: &Path, topic: &str, input_topic: &str) -> Result<StateStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -93,6 +98,7 @@ impl StateStore {
         Ok(StateStore {
             jobs: tx,
             topic: topic.to_owned(),
+            input_topic: input_topic.to_owned(),
         })
     }
 
@@ -111,21 +117,48 @@ impl StateStore {
 
     /// The cached state of one partition and the changelog position it reflects, if any.
     pub async fn load(&self, partition: i32) -> Result<Option<(PartitionState, Position)>> {
-        let topic = self.topic.clone();
-        self.call(move |c| load(c, &topic, partition)).await
+        let (topic, input) = (self.topic.clone(), self.input_topic.clone());
+        self.call(move |c| load(c, &topic, &input, partition)).await
     }
 
     /// Applies one committed checkpoint's records (`sizes`: their encoded lengths), whose
-    /// `Commit` is at `commit_offset` on the changelog. Queued; errors are logged (the cache
-    /// may lag, the changelog has it).
-    pub fn apply(&self, partition: i32, records: Vec<Record>, sizes: Vec<usize>, commit_offset: i64) {
+    /// `Commit` is at `commit_offset` on the changelog, on top of the cached checkpoint `prev`
+    /// (offset, id) that came before it. A delta on top of anything else (the cache missed a
+    /// checkpoint: a crash between commit and cache update, a failed write) would make the
+    /// cache claim a state it does not hold, so then the partition's cache is dropped instead,
+    /// until the next snapshot rebuilds it. Queued; the changelog stays the truth.
+    pub fn apply(
+        &self,
+        partition: i32,
+        records: Vec<Record>,
+        sizes: Vec<usize>,
+        commit_offset: i64,
+        prev: Option<(i64, String)>,
+    ) {
         let topic = self.topic.clone();
         let job: Job = Box::new(move |c| {
-            if let Err(e) = apply(c, &topic, partition, &records, &sizes, commit_offset) {
-                tracing::warn!(partition, error = %e, "local state cache update failed; the next restore reads the changelog");
+            let snapshot = matches!(records.first(), Some(Record::Reset));
+            let result = (|| {
+                if !snapshot && cached_position(c, &topic, partition)? != prev {
+                    tracing::debug!(partition, "local state cache is not at the previous checkpoint; dropped until the next snapshot");
+                    return clear(c, &topic, partition);
+                }
+                apply(c, &topic, partition, &records, &sizes, commit_offset)
+            })();
+            if let Err(e) = result {
+                tracing::warn!(partition, error = %e, "local state cache update failed; dropping it (the changelog has the state)");
+                let _ = clear(c, &topic, partition);
             }
         });
         let _ = self.jobs.send(job);
+    }
+
+    /// Forgets a partition's cached state.
+    pub fn clear(&self, partition: i32) {
+        let topic = self.topic.clone();
+        let _ = self.jobs.send(Box::new(move |c| {
+            let _ = clear(c, &topic, partition);
+        }));
     }
 
     /// Replaces the cached state of a partition (after a restore from the changelog).
@@ -155,7 +188,26 @@ impl StateStore {
     }
 }
 
-fn load(c: &mut Connection, topic: &str, partition: i32) -> rusqlite::Result<Option<(PartitionState, Position)>> {
+fn cached_position(c: &Connection, topic: &str, partition: i32) -> rusqlite::Result<Option<(i64, String)>> {
+    c.query_row(
+        "SELECT changelog_offset, commit_id FROM cached_partition WHERE topic = ?1 AND partition = ?2",
+        params![topic, partition],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+}
+
+fn clear(c: &Connection, topic: &str, partition: i32) -> rusqlite::Result<()> {
+    for table in ["cached_partition", "cached_device", "cached_key", "cached_outbox"] {
+        c.execute(
+            &format!("DELETE FROM {table} WHERE topic = ?1 AND partition = ?2"),
+            params![topic, partition],
+        )?;
+    }
+    Ok(())
+}
+
+fn load(c: &mut Connection, topic: &str, input_topic: &str, partition: i32) -> rusqlite::Result<Option<(PartitionState, Position)>> {
     let row = c
         .query_row(
             "SELECT resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot
@@ -226,7 +278,7 @@ fn load(c: &mut Connection, topic: &str, partition: i32) -> rusqlite::Result<Opt
         state.outbox.insert(
             seq,
             OutboxBatch {
-                id: batch_id(topic, partition, seq),
+                id: batch_id(input_topic, partition, seq),
                 partition,
                 seq,
                 events: events as usize,
@@ -369,17 +421,23 @@ mod tests {
         ];
         let mut expected = PartitionState::default();
         {
-            let store = StateStore::open(&path, "t").expect("opens");
+            let store = StateStore::open(&path, "t-changelog", "t").expect("opens");
+            let mut prev = None;
             for (i, records) in checkpoints.into_iter().enumerate() {
                 for r in &records {
                     expected.apply("t", 0, r);
                 }
                 let sizes = vec![10; records.len()];
-                store.apply(0, records, sizes, 100 + i as i64);
+                let id = match records.last() {
+                    Some(Record::Commit(c)) => c.id.clone(),
+                    _ => unreachable!("a checkpoint ends with its commit"),
+                };
+                store.apply(0, records, sizes, 100 + i as i64, prev.clone());
+                prev = Some((100 + i as i64, id));
             }
             store.sync().await.expect("synced");
         }
-        let store = StateStore::open(&path, "t").expect("reopens");
+        let store = StateStore::open(&path, "t-changelog", "t").expect("reopens");
         let (state, position) = store.load(0).await.expect("loads").expect("cached");
         assert_eq!(state, expected);
         assert_eq!(state.outbox.keys().copied().collect::<Vec<_>>(), vec![1]);
@@ -407,5 +465,12 @@ mod tests {
         let (state, position) = store.load(0).await.expect("loads").expect("cached");
         assert_eq!(state, snap);
         assert_eq!((position.offset, position.bytes_since_snapshot), (300, 3));
+
+        // A delta that does not follow the cached checkpoint drops the cache.
+        store.apply(0, vec![commit("y-1", 30, 6, None)], vec![1], 310, Some((299, "x-0".into())));
+        assert!(store.load(0).await.expect("loads").is_none(), "a cache with a gap is dropped");
+        // The next one does not follow either (nothing is cached): still nothing.
+        store.apply(0, vec![commit("y-2", 31, 6, None)], vec![1], 311, Some((310, "y-1".into())));
+        assert!(store.load(0).await.expect("loads").is_none());
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -18,6 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::changelog::Record;
+use crate::consumer::GroupConsumer;
 use crate::failpoint::{self, Step};
 use crate::partition::{CheckpointPlan, DeadLetter};
 use crate::store::StateStore;
@@ -41,7 +42,9 @@ pub enum TxnOutcome {
 }
 
 enum Job {
-    Checkpoint(Box<CheckpointPlan>, Option<ConsumerGroupMetadata>),
+    /// The changelog position of the partition's last commit as restored (for the cache).
+    Base(Option<(i64, String)>),
+    Checkpoint(Box<CheckpointPlan>),
 }
 
 /// Handle to one partition's writer thread; dropping it ends the thread once its queue is done.
@@ -67,32 +70,45 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl TxnWriter {
     /// Creates the producer and initializes its transactions, which fences the previous owner
-    /// (blocking: call it off the async threads). Reports land on `done`.
+    /// (blocking: call it off the async threads). Reports land on `done`, tagged with the
+    /// partition and this assignment's `generation`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: &rdkafka::ClientConfig,
         partition: i32,
+        generation: u64,
         topics: Topics,
         cache: StateStore,
         admin: Arc<AdminClient<DefaultClientContext>>,
-        done: mpsc::UnboundedSender<(i32, TxnOutcome)>,
+        consumer: Arc<GroupConsumer>,
+        done: mpsc::UnboundedSender<(i32, u64, TxnOutcome)>,
     ) -> Result<TxnWriter, KafkaError> {
         let producer: FutureProducer = config.create()?;
         producer.init_transactions(CALL_TIMEOUT)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let thread = Writer {
+        let mut thread = Writer {
             producer,
             partition,
             topics,
             cache,
             admin,
+            consumer,
+            last: None,
         };
         std::thread::Builder::new()
             .name(format!("txn-{partition}"))
             .spawn(move || {
-                while let Ok(Job::Checkpoint(plan, cgm)) = rx.recv() {
-                    let outcome = thread.checkpoint(&plan, cgm.as_ref());
+                while let Ok(job) = rx.recv() {
+                    let plan = match job {
+                        Job::Base(position) => {
+                            thread.last = position;
+                            continue;
+                        }
+                        Job::Checkpoint(plan) => plan,
+                    };
+                    let outcome = thread.checkpoint(&plan);
                     let stop = !matches!(outcome, TxnOutcome::Committed { .. });
-                    if done.send((partition, outcome)).is_err() || stop {
+                    if done.send((partition, generation, outcome)).is_err() || stop {
                         return;
                     }
                 }
@@ -101,9 +117,14 @@ impl TxnWriter {
         Ok(TxnWriter { jobs: tx })
     }
 
+    /// Sets the changelog position (offset, commit id) the restored state reflects.
+    pub fn set_base(&self, position: Option<(i64, String)>) {
+        let _ = self.jobs.send(Job::Base(position));
+    }
+
     /// Queues a checkpoint; its outcome arrives on the `done` channel.
-    pub fn submit(&self, plan: CheckpointPlan, cgm: Option<ConsumerGroupMetadata>) -> bool {
-        self.jobs.send(Job::Checkpoint(Box::new(plan), cgm)).is_ok()
+    pub fn submit(&self, plan: CheckpointPlan) -> bool {
+        self.jobs.send(Job::Checkpoint(Box::new(plan))).is_ok()
     }
 }
 
@@ -113,6 +134,10 @@ struct Writer {
     topics: Topics,
     cache: StateStore,
     admin: Arc<AdminClient<DefaultClientContext>>,
+    consumer: Arc<GroupConsumer>,
+    /// The last commit (offset, id) on the changelog: the cache applies a checkpoint only on
+    /// top of the one before it.
+    last: Option<(i64, String)>,
 }
 
 enum Failure {
@@ -128,17 +153,28 @@ fn classify(e: KafkaError) -> Failure {
 }
 
 impl Writer {
-    fn checkpoint(&self, plan: &CheckpointPlan, cgm: Option<&ConsumerGroupMetadata>) -> TxnOutcome {
+    fn checkpoint(&mut self, plan: &CheckpointPlan) -> TxnOutcome {
         let start = Instant::now();
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {
-            match self.transaction(plan, cgm) {
+            match self.transaction(plan) {
                 Ok((reset_offset, commit_offset)) => {
                     failpoint::hit(Step::AfterChangelogCommitBeforeCache);
                     for letter in &plan.dead_letters {
                         crate::metrics::dead_lettered(letter.reason.as_str(), 1);
                     }
-                    self.cache.apply(self.partition, plan.records.clone(), plan.encoded.iter().map(Vec::len).collect(), commit_offset);
+                    let commit_id = match plan.records.last() {
+                        Some(Record::Commit(c)) => c.id.clone(),
+                        _ => String::new(),
+                    };
+                    let prev = self.last.replace((commit_offset, commit_id));
+                    self.cache.apply(
+                        self.partition,
+                        plan.records.clone(),
+                        plan.encoded.iter().map(Vec::len).collect(),
+                        commit_offset,
+                        prev,
+                    );
                     if let Some(offset) = reset_offset {
                         self.truncate_before(offset);
                     }
@@ -169,11 +205,7 @@ impl Writer {
     }
 
     /// One transaction; returns the offsets of its `Reset` (for a snapshot) and its `Commit`.
-    fn transaction(
-        &self,
-        plan: &CheckpointPlan,
-        cgm: Option<&ConsumerGroupMetadata>,
-    ) -> Result<(Option<i64>, i64), Failure> {
+    fn transaction(&self, plan: &CheckpointPlan) -> Result<(Option<i64>, i64), Failure> {
         self.producer.begin_transaction().map_err(classify)?;
         let mut deliveries = Vec::with_capacity(plan.encoded.len());
         for bytes in &plan.encoded {
@@ -185,16 +217,29 @@ impl Writer {
         for letter in &plan.dead_letters {
             self.enqueue_dead_letter(letter)?;
         }
-        if let Some(cgm) = cgm {
+        // The group's metadata as of now (its generation changes with every rebalance).
+        if let Some(cgm) = self.consumer.group_metadata() {
             let mut offsets = TopicPartitionList::new();
             offsets
                 .add_partition_offset(&self.topics.input, self.partition, Offset::Offset(plan.resume_offset))
                 .map_err(classify)?;
             self.producer
-                .send_offsets_to_transaction(&offsets, cgm, CALL_TIMEOUT)
+                .send_offsets_to_transaction(&offsets, &cgm, CALL_TIMEOUT)
                 .map_err(classify)?;
         }
-        self.producer.commit_transaction(CALL_TIMEOUT).map_err(classify)?;
+        // A commit that timed out or hit a retriable error is retried as such (aborting then
+        // would not be allowed); other errors abort the attempt.
+        let mut tries = 0;
+        loop {
+            match self.producer.commit_transaction(CALL_TIMEOUT) {
+                Ok(()) => break,
+                Err(KafkaError::Transaction(t)) if t.is_retriable() && !t.is_fatal() && tries < 3 => {
+                    tries += 1;
+                    tracing::warn!(partition = self.partition, error = %t, "checkpoint commit not confirmed yet, retrying it");
+                }
+                Err(e) => return Err(classify(e)),
+            }
+        }
         let offset_of = |f: DeliveryFuture| -> Result<i64, Failure> {
             match futures::executor::block_on(f) {
                 Ok(Ok(d)) => Ok(d.offset),
