@@ -46,6 +46,14 @@ pub struct Settings {
     /// Longest a request may take, body included, in milliseconds (then 408).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+    /// How long an `Idempotency-Key` is remembered, in milliseconds (default 7 days). A batch
+    /// resent after that is stored again, so keep it longer than any sender can take to resend
+    /// (for the stream-processor: its longest outage plus a restore).
+    #[arg(long, env = "IDEMPOTENCY_RETENTION_MS", default_value_t = 7 * 24 * 3_600_000)]
+    pub idempotency_retention_ms: u64,
+    /// How often expired idempotency keys are deleted, in milliseconds.
+    #[arg(long, env = "IDEMPOTENCY_PRUNE_INTERVAL_MS", default_value_t = 60_000)]
+    pub idempotency_prune_interval_ms: u64,
 }
 
 impl Settings {

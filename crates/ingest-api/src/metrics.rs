@@ -18,9 +18,15 @@ pub(crate) fn batch(replayed: bool, rows: usize) {
     rows_inserted(rows);
 }
 
+/// Expired idempotency keys deleted.
+pub(crate) fn keys_pruned(n: usize) {
+    counter!("ingest_api_idempotency_keys_pruned_total").increment(n as u64);
+}
+
 /// Registers the series at zero, so dashboards and alerts see them before the first write.
 pub(crate) fn init() {
     rows_inserted(0);
+    keys_pruned(0);
     for replayed in ["true", "false"] {
         counter!("ingest_api_batches_total", "replayed" => replayed).increment(0);
     }

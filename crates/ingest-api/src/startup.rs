@@ -25,6 +25,13 @@ impl Application {
         let store = Store::open(&settings.database_path, settings.sqlite_synchronous).map_err(|e| {
             std::io::Error::other(format!("opening {}: {e}", settings.database_path.display()))
         })?;
+        crate::store::spawn_key_pruner(
+            &settings.database_path,
+            settings.sqlite_synchronous,
+            Duration::from_millis(settings.idempotency_retention_ms),
+            Duration::from_millis(settings.idempotency_prune_interval_ms.max(1)),
+        )
+        .map_err(|e| std::io::Error::other(format!("starting the key pruner: {e}")))?;
         let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
         // Make the metric families exist from the start.
         let _ = service_common::metrics_handle();

@@ -121,6 +121,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     response    TEXT    NOT NULL,
     created_at  INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
 ";
 
 /// Opens a connection with the pragmas every connection of this store uses.
@@ -218,6 +219,51 @@ impl Store {
         .await
         .unwrap_or(false)
     }
+}
+
+/// Keys deleted per pruning transaction: each holds the write lock for a few milliseconds, so
+/// inserts never wait long behind it.
+const PRUNE_CHUNK: i64 = 2_000;
+
+/// Deletes idempotency keys older than `retention`, every `interval`, in small transactions on
+/// a connection of its own, until the process ends. A batch resent after its key expired is
+/// stored again, so the retention must outlast any resend (see README).
+pub fn spawn_key_pruner(
+    path: &Path,
+    synchronous: Synchronous,
+    retention: std::time::Duration,
+    interval: std::time::Duration,
+) -> Result<()> {
+    let conn = open_connection(path, synchronous)?;
+    std::thread::Builder::new()
+        .name("key-pruner".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            let before = now_ms() - retention.as_millis() as i64;
+            let mut pruned = 0usize;
+            loop {
+                match conn.execute(
+                    "DELETE FROM idempotency_keys WHERE rowid IN
+                     (SELECT rowid FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)",
+                    params![before, PRUNE_CHUNK],
+                ) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        pruned += n;
+                        std::thread::yield_now();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pruning expired idempotency keys failed; retried later");
+                        break;
+                    }
+                }
+            }
+            if pruned > 0 {
+                crate::metrics::keys_pruned(pruned);
+                tracing::info!(pruned, "expired idempotency keys deleted");
+            }
+        })?;
+    Ok(())
 }
 
 fn now_ms() -> i64 {

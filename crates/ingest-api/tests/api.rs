@@ -492,3 +492,28 @@ async fn data_and_keys_survive_a_restart_on_the_same_file() {
         .unwrap();
     assert_eq!(next["id"], 6);
 }
+
+#[tokio::test]
+async fn idempotency_keys_expire_after_the_retention_and_a_late_resend_is_stored_again() {
+    let app = spawn_app_with(|s| {
+        s.idempotency_retention_ms = 300;
+        s.idempotency_prune_interval_ms = 100;
+    })
+    .await;
+    let body = batch("exp", 0, 3);
+    assert_eq!(app.post_batch(Some("k-expiring"), body.clone()).await.status(), StatusCode::CREATED);
+    let replay = app.post_batch(Some("k-expiring"), body.clone()).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true", "within the retention: a replay");
+    // Past the retention the pruner deletes the key; the same batch is then new again.
+    let start = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let again = app.post_batch(Some("k-expiring"), body.clone()).await;
+        if again.headers().get("idempotent-replayed").is_none() {
+            assert_eq!(again.status(), StatusCode::CREATED);
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the key never expired");
+    }
+    assert_eq!(app.total().await, 6, "stored twice: once before and once after the key expired");
+}
