@@ -85,6 +85,10 @@ impl PartitionState {
                 );
             }
             Record::State(delta) => {
+                for device in &delta.evicted {
+                    self.marks.remove(device);
+                    self.keys.remove(device);
+                }
                 for (device, max_ts, released_max) in &delta.marks {
                     self.marks.insert(
                         device.clone(),
@@ -128,23 +132,16 @@ impl PartitionState {
         outbox: impl IntoIterator<Item = OutboxBatch>,
     ) -> Vec<Record> {
         let mut out = vec![Record::Reset];
-        let mut marks = marks.into_iter().peekable();
-        let mut keys = keys.into_iter().peekable();
-        while marks.peek().is_some() || keys.peek().is_some() {
-            let mut delta = StateDelta::default();
-            delta.marks.extend(
-                marks
-                    .by_ref()
-                    .take(SNAPSHOT_CHUNK)
-                    .map(|(d, m)| (d, m.max_ts, m.released_max)),
-            );
-            delta.keys.extend(
-                keys.by_ref()
-                    .take(SNAPSHOT_CHUNK)
-                    .map(|k| (k.device_id, k.ts, k.latitude_bits, k.longitude_bits)),
-            );
-            out.push(Record::State(delta));
-        }
+        let all = StateDelta {
+            evicted: Vec::new(),
+            marks: marks.into_iter().map(|(d, m)| (d, m.max_ts, m.released_max)).collect(),
+            keys: keys
+                .into_iter()
+                .map(|k| (k.device_id, k.ts, k.latitude_bits, k.longitude_bits))
+                .collect(),
+            pruned: Vec::new(),
+        };
+        out.extend(all.into_chunks().into_iter().map(Record::State));
         out.extend(outbox.into_iter().map(|b| Record::Batch {
             seq: b.seq,
             events: b.events,
@@ -169,12 +166,15 @@ impl PartitionState {
     }
 }
 
-/// Marks or keys per snapshot record: keeps each record well under a megabyte.
-pub const SNAPSHOT_CHUNK: usize = 10_000;
+/// Largest state record, estimated: well under the usual broker limit of one megabyte.
+pub const CHUNK_BYTES: usize = 512 * 1024;
 
 /// Changes to marks and keys.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateDelta {
+    /// Devices forgotten with their marks and keys; applied before the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evicted: Vec<String>,
     /// (device, max_ts, released_max)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub marks: Vec<(String, i64, i64)>,
@@ -184,6 +184,43 @@ pub struct StateDelta {
     /// (device, every key below this ts is dropped)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<(String, i64)>,
+}
+
+impl StateDelta {
+    /// The same changes as records of at most about [`CHUNK_BYTES`] each, in an order that
+    /// applies the same: evictions, marks, keys, prunes.
+    pub fn into_chunks(self) -> Vec<StateDelta> {
+        let mut out = Vec::new();
+        let mut cur = StateDelta::default();
+        let mut bytes = 0usize;
+        let room = |cur: &mut StateDelta, bytes: &mut usize, more: usize, out: &mut Vec<StateDelta>| {
+            if *bytes + more > CHUNK_BYTES && *cur != StateDelta::default() {
+                out.push(std::mem::take(cur));
+                *bytes = 0;
+            }
+            *bytes += more;
+        };
+        for d in self.evicted {
+            room(&mut cur, &mut bytes, d.len() + 4, &mut out);
+            cur.evicted.push(d);
+        }
+        for m in self.marks {
+            room(&mut cur, &mut bytes, m.0.len() + 48, &mut out);
+            cur.marks.push(m);
+        }
+        for k in self.keys {
+            room(&mut cur, &mut bytes, k.0.len() + 64, &mut out);
+            cur.keys.push(k);
+        }
+        for p in self.pruned {
+            room(&mut cur, &mut bytes, p.0.len() + 28, &mut out);
+            cur.pruned.push(p);
+        }
+        if cur != StateDelta::default() {
+            out.push(cur);
+        }
+        out
+    }
 }
 
 /// The record that ends every checkpoint.
@@ -220,6 +257,8 @@ struct Wire<'a> {
     events: Option<usize>,
     #[serde(borrow)]
     body: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    evicted: Vec<String>,
     #[serde(default)]
     marks: Vec<(String, i64, i64)>,
     #[serde(default)]
@@ -271,6 +310,7 @@ impl Record {
                 body: Bytes::copy_from_slice(w.body.ok_or_else(|| missing("body"))?.get().as_bytes()),
             },
             "state" => Record::State(StateDelta {
+                evicted: w.evicted,
                 marks: w.marks,
                 keys: w.keys,
                 pruned: w.pruned,
@@ -322,6 +362,7 @@ mod tests {
             Record::Reset,
             batch(3),
             Record::State(StateDelta {
+                evicted: vec!["gone".into()],
                 marks: vec![("d".into(), 10, 5)],
                 keys: vec![("d".into(), 5, u64::MAX, 1)],
                 pruned: vec![("e".into(), 2)],
@@ -339,6 +380,7 @@ mod tests {
         let mut s = PartitionState::default();
         let delta = |keys: Vec<(&str, i64)>, pruned: Vec<(&str, i64)>| {
             Record::State(StateDelta {
+                evicted: vec![],
                 marks: keys.iter().map(|(d, ts)| (d.to_string(), *ts, *ts)).collect(),
                 keys: keys.iter().map(|(d, ts)| (d.to_string(), *ts, 1, 2)).collect(),
                 pruned: pruned.iter().map(|(d, b)| (d.to_string(), *b)).collect(),
@@ -376,7 +418,10 @@ mod tests {
             })
             .collect();
         let records = PartitionState::snapshot_records(vec![], keys, vec![]);
-        assert_eq!(records.len(), 4, "reset and three chunks");
+        assert!(records.len() >= 4, "reset and several chunks: {}", records.len());
+        for r in &records {
+            assert!(r.encode().len() < 1_000_000, "each record fits a broker's default message limit");
+        }
         let mut s = PartitionState::default();
         for r in &records {
             s.apply("t", 0, r);

@@ -36,7 +36,7 @@ pub struct Settings {
     pub group_instance_id: Option<String>,
     /// How partitions are spread over the group's members: cooperative-sticky moves only the
     /// partitions that change owner; range or roundrobin stop every partition at each change.
-    #[arg(long, env = "ASSIGNMENT_STRATEGY", default_value = "cooperative-sticky")]
+    #[arg(long, env = "ASSIGNMENT_STRATEGY", default_value = "range,roundrobin")]
     pub assignment_strategy: String,
     /// Consumer session timeout in milliseconds.
     #[arg(long, env = "SESSION_TIMEOUT_MS", default_value_t = 10_000)]

@@ -183,6 +183,11 @@ impl Partition {
         self.cleaner.max_watermark()
     }
 
+    /// Devices known, and devices evicted since this owner restored the partition.
+    pub fn devices(&self) -> (usize, u64) {
+        (self.cleaner.device_count(), self.cleaner.evicted_total())
+    }
+
     pub fn take_counts(&mut self) -> Counts {
         std::mem::take(&mut self.counts)
     }
@@ -379,6 +384,7 @@ impl Partition {
                 })
                 .collect();
             let delta = StateDelta {
+                evicted: changes.evicted,
                 marks: changes
                     .devices
                     .into_iter()
@@ -391,9 +397,7 @@ impl Partition {
                     .collect(),
                 pruned: changes.pruned,
             };
-            if delta != StateDelta::default() {
-                records.push(Record::State(delta));
-            }
+            records.extend(delta.into_chunks().into_iter().map(Record::State));
             records
         };
         records.push(Record::Commit(Commit {

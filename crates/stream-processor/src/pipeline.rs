@@ -352,6 +352,8 @@ impl Pipeline {
             metrics::outcomes(o.core.take_counts());
             let delay = o.core.max_watermark().map(|wm| (wall_clock_ms() - wm) as f64 / 1000.0);
             metrics::partition_gauges(p, o.core.buffered_len(), o.core.dedup_len(), delay);
+            let (devices, evicted) = o.core.devices();
+            metrics::devices(p, devices, evicted);
             metrics::outbox(p, o.core.outbox_len());
             // Lag from the high watermark the watcher last saw (librdkafka's own figure needs
             // offsets committed by the consumer; here the checkpoint transactions commit them).

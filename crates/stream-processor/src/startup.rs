@@ -80,7 +80,13 @@ impl Application {
             &changelog,
             partitions,
             settings.topic_replication,
-            &[("cleanup.policy", "delete"), ("retention.ms", "-1"), ("retention.bytes", "-1")],
+            &[
+                ("cleanup.policy", "delete"),
+                ("retention.ms", "-1"),
+                ("retention.bytes", "-1"),
+                // A batch record holds a whole batch body.
+                ("max.message.bytes", "16777216"),
+            ],
         )
         .await;
         let changelog_partitions = {

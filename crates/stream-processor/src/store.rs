@@ -82,6 +82,8 @@ impl StateStore {
             std::fs::create_dir_all(dir)?;
         }
         let mut conn = Connection::open(path)?;
+        // Forgotten devices and replaced snapshots give their pages back (on a new file).
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -143,7 +145,15 @@ impl StateStore {
                     tracing::debug!(partition, "local state cache is not at the previous checkpoint; dropped until the next snapshot");
                     return clear(c, &topic, partition);
                 }
-                apply(c, &topic, partition, &records, &sizes, commit_offset)
+                apply(c, &topic, partition, &records, &sizes, commit_offset)?;
+                let freed = snapshot
+                    || records
+                        .iter()
+                        .any(|r| matches!(r, Record::State(d) if !d.evicted.is_empty()));
+                if freed {
+                    c.execute_batch("PRAGMA incremental_vacuum")?;
+                }
+                Ok(())
             })();
             if let Err(e) = result {
                 tracing::warn!(partition, error = %e, "local state cache update failed; dropping it (the changelog has the state)");
@@ -320,6 +330,12 @@ fn apply(
                 .execute(params![topic, p, seq, *events as i64, &body[..]])?;
             }
             Record::State(delta) => {
+                for d in &delta.evicted {
+                    tx.prepare_cached("DELETE FROM cached_device WHERE topic = ?1 AND partition = ?2 AND device_id = ?3")?
+                        .execute(params![topic, p, d])?;
+                    tx.prepare_cached("DELETE FROM cached_key WHERE topic = ?1 AND partition = ?2 AND device_id = ?3")?
+                        .execute(params![topic, p, d])?;
+                }
                 let mut put_mark = tx.prepare_cached(
                     "INSERT INTO cached_device (topic, partition, device_id, max_ts, released_max) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (topic, partition, device_id) DO UPDATE SET max_ts = excluded.max_ts, released_max = excluded.released_max",
@@ -405,6 +421,7 @@ mod tests {
                 batch(0),
                 batch(1),
                 Record::State(StateDelta {
+                    evicted: vec![],
                     marks: vec![("d".into(), 50, 40)],
                     keys: vec![("d".into(), 10, 1, u64::MAX), ("d".into(), 40, 1, 2)],
                     pruned: vec![],

@@ -1,13 +1,22 @@
 //! Stream cleanup for one partition, as pure synchronous code: deduplication by `(deviceId, ts)`,
-//! per-device watermarks, a reorder buffer released in ts order, and idle flush. Time is passed
-//! in (processing time, milliseconds); nothing here reads a clock or does I/O.
+//! per-device watermarks, a reorder buffer released in ts order, idle flush, and eviction of
+//! devices that fell out of the dedup horizon. Time is passed in (processing time,
+//! milliseconds); nothing here reads a clock or does I/O.
 //!
 //! Rules (DESIGN.md): a device's watermark is `max(max_ts - allowed_lateness, released_max)`.
 //! An event below it on arrival is late. Buffered events with `ts <= watermark` are released in
 //! ts order. A device silent for `idle_timeout_ms` has its whole buffer released, which raises
 //! `released_max`. Identities of released events are kept while `ts >= max_ts - dedup_horizon`.
+//! A device whose newest event is more than the horizon behind the partition's newest event,
+//! with nothing buffered, is forgotten (evicted); so that nothing it sent before can come back
+//! as new, a device the partition does not know is accepted only from the partition's newest
+//! event time minus the horizon on (earlier: late).
+//!
+//! Work per event, per tick and per checkpoint follows the devices concerned, not all devices:
+//! changed devices are listed as they change, waiting ones are indexed, and eviction candidates
+//! are bucketed by the event time of their newest event.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::Event;
 
@@ -41,7 +50,8 @@ pub enum Outcome {
     Duplicate,
     /// Same identity, other coordinates: the first one wins, this one is dropped.
     Conflict,
-    /// Below the device's watermark: must not reach the sink (it goes to the dead-letter topic).
+    /// Below the device's watermark (or, for a device the partition does not know, beyond the
+    /// dedup horizon of the partition's newest event): must not reach the sink.
     Late,
 }
 
@@ -73,6 +83,9 @@ pub struct SeenKey {
 /// State changes since the last `take_changes`: what a checkpoint must persist.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Changes {
+    /// Devices forgotten (with their marks and keys); applied before the rest, so a device
+    /// evicted and seen again since starts afresh.
+    pub evicted: Vec<String>,
     /// Devices whose mark changed, with the new mark.
     pub devices: Vec<(String, DeviceMark)>,
     /// Identities released since the last checkpoint.
@@ -91,6 +104,10 @@ struct Device {
     last_arrival_ms: u64,
     dirty: bool,
     pruned_below: Option<i64>,
+    /// In the cleaner's list of changed devices.
+    listed: bool,
+    /// Eviction bucket of `mark.max_ts` (`i64::MIN`: none yet).
+    bucket: i64,
 }
 
 impl Device {
@@ -105,6 +122,8 @@ impl Device {
             last_arrival_ms: now_ms,
             dirty: false,
             pruned_below: None,
+            listed: false,
+            bucket: i64::MIN,
         }
     }
 
@@ -127,6 +146,17 @@ pub struct Cleaner {
     offsets: BTreeMap<i64, u32>,
     buffered: usize,
     seen: usize,
+    /// Newest event time of the partition (`i64::MIN`: none).
+    max_ts: i64,
+    /// Devices changed since the last `take_changes`.
+    changed: Vec<String>,
+    /// Devices with buffered events.
+    waiting: HashSet<String>,
+    /// Device ids by the eviction bucket of their newest event (`max_ts / horizon`); an entry
+    /// whose device has moved on to a later bucket is stale and skipped.
+    buckets: BTreeMap<i64, Vec<String>>,
+    evicted: Vec<String>,
+    evicted_total: u64,
 }
 
 impl Cleaner {
@@ -139,6 +169,12 @@ impl Cleaner {
             offsets: BTreeMap::new(),
             buffered: 0,
             seen: 0,
+            max_ts: i64::MIN,
+            changed: Vec::new(),
+            waiting: HashSet::new(),
+            buckets: BTreeMap::new(),
+            evicted: Vec::new(),
+            evicted_total: 0,
         }
     }
 
@@ -153,6 +189,7 @@ impl Cleaner {
         for (device, mark) in marks {
             let mut d = Device::new(now_ms);
             d.mark = mark;
+            c.max_ts = c.max_ts.max(mark.max_ts);
             c.devices.insert(device, d);
         }
         for k in keys {
@@ -164,6 +201,13 @@ impl Cleaner {
                 c.seen += 1;
             }
         }
+        let horizon = c.horizon();
+        for (id, d) in c.devices.iter_mut() {
+            if d.mark.max_ts != i64::MIN {
+                d.bucket = d.mark.max_ts.div_euclid(horizon);
+                c.buckets.entry(d.bucket).or_default().push(id.clone());
+            }
+        }
         c
     }
 
@@ -171,16 +215,28 @@ impl Cleaner {
         &self.config
     }
 
+    fn horizon(&self) -> i64 {
+        self.config.dedup_horizon_ms.max(1)
+    }
+
     /// Classifies one event read at `offset` and releases what its watermark lets go.
     pub fn process(&mut self, event: Event, offset: i64, now_ms: u64) -> Outcome {
         let lateness = self.config.allowed_lateness_ms;
-        let horizon = self.config.dedup_horizon_ms;
+        let horizon = self.horizon();
         let device = match self.devices.get_mut(&event.device_id) {
             Some(d) => d,
-            None => self
-                .devices
-                .entry(event.device_id.clone())
-                .or_insert_with(|| Device::new(now_ms)),
+            None => {
+                if self.max_ts != i64::MIN && event.ts < self.max_ts.saturating_sub(horizon) {
+                    return Outcome::Late;
+                }
+                if !self.evicted.is_empty() {
+                    // Evicted and back within the checkpoint: its eviction is applied first.
+                    self.evicted.retain(|e| *e != event.device_id);
+                }
+                self.devices
+                    .entry(event.device_id.clone())
+                    .or_insert_with(|| Device::new(now_ms))
+            }
         };
         device.last_arrival_ms = now_ms;
         let pos = (event.latitude.to_bits(), event.longitude.to_bits());
@@ -202,7 +258,21 @@ impl Cleaner {
             return Outcome::Late;
         }
         device.mark.max_ts = device.mark.max_ts.max(event.ts);
+        self.max_ts = self.max_ts.max(event.ts);
+        let bucket = device.mark.max_ts.div_euclid(horizon);
+        if bucket != device.bucket {
+            device.bucket = bucket;
+            self.buckets.entry(bucket).or_default().push(event.device_id.clone());
+        }
         device.dirty = true;
+        if !device.listed {
+            device.listed = true;
+            self.changed.push(event.device_id.clone());
+        }
+        if device.buffer.is_empty() {
+            self.waiting.insert(event.device_id.clone());
+        }
+        let id = event.device_id.clone();
         device.buffer.insert(event.ts, (event, offset));
         *self.offsets.entry(offset).or_insert(0) += 1;
         self.buffered += 1;
@@ -213,25 +283,93 @@ impl Cleaner {
             offsets: &mut self.offsets,
             buffered: &mut self.buffered,
             seen: &mut self.seen,
+            changed: &mut self.changed,
+            waiting: &mut self.waiting,
         };
-        out.release_through(device, watermark, horizon);
+        out.release_through(&id, device, watermark, horizon);
         Outcome::Buffered
     }
 
-    /// Releases the buffers of devices silent for the idle timeout (processing time).
+    /// Releases the buffers of devices silent for the idle timeout (processing time), then
+    /// evicts devices out of the horizon. Call it only when the partition has nothing unread
+    /// (after a restore, what is read again must find the devices it knew).
     pub fn tick(&mut self, now_ms: u64) {
         let idle = self.config.idle_timeout_ms;
-        let horizon = self.config.dedup_horizon_ms;
-        let mut out = Release {
-            released: &mut self.released,
-            new_keys: &mut self.new_keys,
-            offsets: &mut self.offsets,
-            buffered: &mut self.buffered,
-            seen: &mut self.seen,
-        };
-        for device in self.devices.values_mut() {
-            if !device.buffer.is_empty() && now_ms.saturating_sub(device.last_arrival_ms) >= idle {
-                out.release_through(device, i64::MAX, horizon);
+        let horizon = self.horizon();
+        let due: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|id| {
+                self.devices
+                    .get(*id)
+                    .is_some_and(|d| now_ms.saturating_sub(d.last_arrival_ms) >= idle)
+            })
+            .cloned()
+            .collect();
+        for id in due {
+            if let Some(device) = self.devices.get_mut(&id) {
+                let mut out = Release {
+                    released: &mut self.released,
+                    new_keys: &mut self.new_keys,
+                    offsets: &mut self.offsets,
+                    buffered: &mut self.buffered,
+                    seen: &mut self.seen,
+                    changed: &mut self.changed,
+                    waiting: &mut self.waiting,
+                };
+                out.release_through(&id, device, i64::MAX, horizon);
+            }
+        }
+        self.evict();
+    }
+
+    /// Forgets devices whose newest event is more than the horizon behind the partition's
+    /// newest and that have nothing buffered. Looks only at the buckets wholly below the floor.
+    fn evict(&mut self) {
+        if self.max_ts == i64::MIN {
+            return;
+        }
+        let horizon = self.horizon();
+        let floor = self.max_ts.saturating_sub(horizon);
+        let below = floor.div_euclid(horizon);
+        let before = self.devices.len();
+        self.evict_below(floor, below);
+        if self.devices.len() < before && self.devices.capacity() > 4 * self.devices.len() + 1024 {
+            // Give the memory of a large wave of forgotten devices back.
+            self.devices.shrink_to(2 * self.devices.len());
+        }
+    }
+
+    fn evict_below(&mut self, floor: i64, below: i64) {
+        while let Some(entry) = self.buckets.first_entry() {
+            if *entry.key() >= below {
+                break;
+            }
+            let (bucket, ids) = entry.remove_entry();
+            let mut keep = Vec::new();
+            for id in ids {
+                let Some(d) = self.devices.get(&id) else { continue };
+                if d.bucket != bucket {
+                    continue; // moved on to a later bucket
+                }
+                if d.mark.max_ts < floor && d.buffer.is_empty() {
+                    let d = self.devices.remove(&id).expect("looked up above");
+                    self.seen -= d.seen.len();
+                    self.evicted_total += 1;
+                    self.evicted.push(id);
+                } else {
+                    keep.push(id);
+                }
+            }
+            if !keep.is_empty() {
+                // Still waiting for an idle flush: looked at again once the floor moves on.
+                for id in &keep {
+                    if let Some(d) = self.devices.get_mut(id) {
+                        d.bucket = below;
+                    }
+                }
+                self.buckets.entry(below).or_default().extend(keep);
+                break;
             }
         }
     }
@@ -254,16 +392,23 @@ impl Cleaner {
     /// State changes since the last call (for a checkpoint).
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
-            new_keys: std::mem::take(&mut self.new_keys),
+            evicted: std::mem::take(&mut self.evicted),
             ..Changes::default()
         };
-        for (id, d) in self.devices.iter_mut() {
+        let devices = &self.devices;
+        changes.new_keys = std::mem::take(&mut self.new_keys)
+            .into_iter()
+            .filter(|k| devices.contains_key(&k.device_id))
+            .collect();
+        for id in std::mem::take(&mut self.changed) {
+            let Some(d) = self.devices.get_mut(&id) else { continue };
+            d.listed = false;
             if d.dirty {
                 changes.devices.push((id.clone(), d.mark));
                 d.dirty = false;
             }
             if let Some(below) = d.pruned_below.take() {
-                changes.pruned.push((id.clone(), below));
+                changes.pruned.push((id, below));
             }
         }
         changes
@@ -301,14 +446,15 @@ impl Cleaner {
         self.devices.len()
     }
 
-    /// Highest watermark of any device (event time, ms), if any device has one.
+    /// Devices evicted since this cleaner was made.
+    pub fn evicted_total(&self) -> u64 {
+        self.evicted_total
+    }
+
+    /// The partition's newest event time minus the allowed lateness: the highest watermark a
+    /// device can have (event time, ms).
     pub fn max_watermark(&self) -> Option<i64> {
-        let lateness = self.config.allowed_lateness_ms;
-        self.devices
-            .values()
-            .filter(|d| d.mark.max_ts != i64::MIN)
-            .map(|d| d.watermark(lateness))
-            .max()
+        (self.max_ts != i64::MIN).then(|| self.max_ts.saturating_sub(self.config.allowed_lateness_ms))
     }
 }
 
@@ -319,17 +465,20 @@ struct Release<'a> {
     offsets: &'a mut BTreeMap<i64, u32>,
     buffered: &'a mut usize,
     seen: &'a mut usize,
+    changed: &'a mut Vec<String>,
+    waiting: &'a mut HashSet<String>,
 }
 
 impl Release<'_> {
     /// Moves the device's buffered events with `ts <= through` out, in ts order, records their
     /// identities, and prunes identities that fell out of the horizon.
-    fn release_through(&mut self, device: &mut Device, through: i64, horizon: i64) {
+    fn release_through(&mut self, id: &str, device: &mut Device, through: i64, horizon: i64) {
         let keep = match through.checked_add(1) {
             Some(bound) => device.buffer.split_off(&bound),
             None => BTreeMap::new(),
         };
         let out = std::mem::replace(&mut device.buffer, keep);
+        let released_any = !out.is_empty();
         for (ts, (event, offset)) in out {
             if let Some(n) = self.offsets.get_mut(&offset) {
                 *n -= 1;
@@ -352,12 +501,19 @@ impl Release<'_> {
             device.dirty = true;
             self.released.push(Released { event, offset });
         }
+        if released_any && device.buffer.is_empty() {
+            self.waiting.remove(id);
+        }
         let floor = device.mark.max_ts.saturating_sub(horizon);
         if device.seen.first_key_value().is_some_and(|(ts, _)| *ts < floor) {
             let kept = device.seen.split_off(&floor);
             *self.seen -= device.seen.len();
             device.seen = kept;
             device.pruned_below = Some(floor);
+        }
+        if (device.dirty || device.pruned_below.is_some()) && !device.listed {
+            device.listed = true;
+            self.changed.push(id.to_owned());
         }
     }
 }
@@ -489,6 +645,61 @@ mod tests {
         );
         assert_eq!(ch.new_keys.iter().map(|k| k.ts).collect::<Vec<_>>(), vec![100]);
         assert_eq!(c.take_changes(), Changes::default());
+    }
+
+    #[test]
+    fn a_device_out_of_the_horizon_is_evicted_and_its_old_identities_are_late() {
+        let mut c = Cleaner::new(cfg(10, 1_000, 100));
+        c.process(ev("old", 1_000), 0, 0);
+        c.tick(1_000);
+        assert_eq!(released_ts(&mut c), vec![1_000], "idle flush");
+        for i in 0..5 {
+            c.process(ev("new", 5_000 + i * 100), 1 + i, 1_000);
+        }
+        c.tick(1_050);
+        assert_eq!(c.device_count(), 1, "old is forgotten, new stays");
+        assert_eq!(c.dedup_len(), 4, "old's identity went with it");
+        let ch = c.take_changes();
+        assert_eq!(ch.evicted, vec!["old".to_owned()]);
+        assert!(ch.new_keys.iter().all(|k| k.device_id == "new"), "no key of a forgotten device is persisted");
+        assert_eq!(
+            c.process(ev("old", 1_000), 9, 1_100),
+            Outcome::Late,
+            "a resend of a forgotten device's event cannot come back as new"
+        );
+        assert_eq!(c.process(ev("fresh", 4_500), 10, 1_100), Outcome::Buffered, "a new device within the horizon");
+        assert_eq!(c.process(ev("stale", 3_000), 11, 1_100), Outcome::Late, "a new device beyond it");
+        assert_eq!(c.evicted_total(), 1);
+    }
+
+    #[test]
+    fn a_device_with_waiting_events_is_not_evicted_until_flushed() {
+        let mut c = Cleaner::new(cfg(10, 1_000, 500));
+        c.process(ev("slow", 1_000), 0, 0);
+        c.process(ev("fast", 5_000), 1, 0);
+        c.tick(100);
+        assert_eq!(c.device_count(), 2, "slow still waits in its buffer");
+        c.tick(600);
+        let mut out = released_ts(&mut c);
+        out.sort();
+        assert_eq!(out, vec![1_000, 5_000], "idle flush of both");
+        c.process(ev("fast", 7_000), 2, 700);
+        c.tick(700);
+        assert_eq!(c.device_count(), 1, "flushed and far behind: evicted once the floor moves on");
+    }
+
+    #[test]
+    fn restored_devices_are_evicted_by_the_same_rule() {
+        let marks = vec![
+            ("a".to_owned(), DeviceMark { max_ts: 1_000, released_max: 1_000 }),
+            ("b".to_owned(), DeviceMark { max_ts: 9_000, released_max: 8_000 }),
+        ];
+        let keys = vec![SeenKey { device_id: "a".into(), ts: 1_000, latitude_bits: 0, longitude_bits: 0 }];
+        let mut c = Cleaner::restore(cfg(10, 1_000, 500), marks, keys, 0);
+        assert_eq!(c.process(ev("c", 2_000), 0, 0), Outcome::Late, "the partition's newest time was restored");
+        c.tick(0);
+        assert_eq!(c.device_count(), 1);
+        assert_eq!(c.take_changes().evicted, vec!["a".to_owned()]);
     }
 
     /// A stream: distinct events per device (strictly increasing ts), delivered reordered within

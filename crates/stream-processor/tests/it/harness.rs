@@ -215,6 +215,19 @@ impl Harness {
         }
     }
 
+    /// Waits until the latest run of `name` logged `needle`.
+    pub(crate) async fn wait_run_log(&self, name: &str, needle: &str, within: Duration) {
+        let start = Instant::now();
+        while !self.run_logs(name).last().is_some_and(|l| l.contains(needle)) {
+            assert!(
+                start.elapsed() < within,
+                "the latest run of {name} did not log {needle:?} within {within:?}; logs:\n{}",
+                self.log_tails()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until the sink holds at least `n` events.
     pub(crate) async fn wait_sink(&self, n: u64, within: Duration) {
         let start = Instant::now();
