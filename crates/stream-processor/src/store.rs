@@ -82,8 +82,6 @@ impl StateStore {
             std::fs::create_dir_all(dir)?;
         }
         let mut conn = Connection::open(path)?;
-        // Forgotten devices and replaced snapshots give their pages back (on a new file).
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -145,15 +143,9 @@ impl StateStore {
                     tracing::debug!(partition, "local state cache is not at the previous checkpoint; dropped until the next snapshot");
                     return clear(c, &topic, partition);
                 }
-                apply(c, &topic, partition, &records, &sizes, commit_offset)?;
-                let freed = snapshot
-                    || records
-                        .iter()
-                        .any(|r| matches!(r, Record::State(d) if !d.evicted.is_empty()));
-                if freed {
-                    c.execute_batch("PRAGMA incremental_vacuum")?;
-                }
-                Ok(())
+                // Pages freed by forgotten devices and replaced snapshots are reused by later
+                // writes (the file itself only shrinks with VACUUM).
+                apply(c, &topic, partition, &records, &sizes, commit_offset)
             })();
             if let Err(e) = result {
                 tracing::warn!(partition, error = %e, "local state cache update failed; dropping it (the changelog has the state)");

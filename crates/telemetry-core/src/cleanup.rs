@@ -152,7 +152,7 @@ pub struct Cleaner {
     changed: Vec<String>,
     /// Devices with buffered events.
     waiting: HashSet<String>,
-    /// Device ids by the eviction bucket of their newest event (`max_ts / horizon`); an entry
+    /// Device ids by the eviction bucket of their newest event (`max_ts / bucket_width`); an entry
     /// whose device has moved on to a later bucket is stale and skipped.
     buckets: BTreeMap<i64, Vec<String>>,
     evicted: Vec<String>,
@@ -201,10 +201,10 @@ impl Cleaner {
                 c.seen += 1;
             }
         }
-        let horizon = c.horizon();
+        let width = c.bucket_width();
         for (id, d) in c.devices.iter_mut() {
             if d.mark.max_ts != i64::MIN {
-                d.bucket = d.mark.max_ts.div_euclid(horizon);
+                d.bucket = d.mark.max_ts.div_euclid(width);
                 c.buckets.entry(d.bucket).or_default().push(id.clone());
             }
         }
@@ -219,10 +219,17 @@ impl Cleaner {
         self.config.dedup_horizon_ms.max(1)
     }
 
+    /// Width of an eviction bucket (event time): a sixteenth of the horizon, so a device is
+    /// forgotten at most that long after it fell out of the horizon.
+    fn bucket_width(&self) -> i64 {
+        (self.horizon() / 16).max(1)
+    }
+
     /// Classifies one event read at `offset` and releases what its watermark lets go.
     pub fn process(&mut self, event: Event, offset: i64, now_ms: u64) -> Outcome {
         let lateness = self.config.allowed_lateness_ms;
         let horizon = self.horizon();
+        let width = self.bucket_width();
         let device = match self.devices.get_mut(&event.device_id) {
             Some(d) => d,
             None => {
@@ -259,7 +266,7 @@ impl Cleaner {
         }
         device.mark.max_ts = device.mark.max_ts.max(event.ts);
         self.max_ts = self.max_ts.max(event.ts);
-        let bucket = device.mark.max_ts.div_euclid(horizon);
+        let bucket = device.mark.max_ts.div_euclid(width);
         if bucket != device.bucket {
             device.bucket = bucket;
             self.buckets.entry(bucket).or_default().push(event.device_id.clone());
@@ -329,9 +336,8 @@ impl Cleaner {
         if self.max_ts == i64::MIN {
             return;
         }
-        let horizon = self.horizon();
-        let floor = self.max_ts.saturating_sub(horizon);
-        let below = floor.div_euclid(horizon);
+        let floor = self.max_ts.saturating_sub(self.horizon());
+        let below = floor.div_euclid(self.bucket_width());
         let before = self.devices.len();
         self.evict_below(floor, below);
         if self.devices.len() < before && self.devices.capacity() > 4 * self.devices.len() + 1024 {
