@@ -8,7 +8,6 @@
 //! Rows are keyed by the changelog topic and partition. One thread owns the connection;
 //! callers send it jobs, in order.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -267,7 +266,7 @@ fn load(c: &mut Connection, topic: &str, input_topic: &str, partition: i32) -> r
     })?;
     for row in rows {
         let (d, ts, lat, lon) = row?;
-        state.keys.entry(d).or_insert_with(BTreeMap::new).insert(ts, (lat, lon));
+        state.keys.entry(d).or_default().insert(ts, (lat, lon));
     }
     let mut stmt = c.prepare_cached(
         "SELECT seq, events, body FROM cached_outbox WHERE topic = ?1 AND partition = ?2 ORDER BY seq",

@@ -140,18 +140,10 @@ impl Device {
 pub struct Cleaner {
     config: CleanupConfig,
     devices: HashMap<String, Device>,
-    released: Vec<Released>,
-    new_keys: Vec<SeenKey>,
-    /// Offsets of buffered events (multiset), for the resume offset.
-    offsets: BTreeMap<i64, u32>,
-    buffered: usize,
-    seen: usize,
+    /// Everything but the device map, so a device and the outputs borrow apart.
+    out: Outputs,
     /// Newest event time of the partition (`i64::MIN`: none).
     max_ts: i64,
-    /// Devices changed since the last `take_changes`.
-    changed: Vec<String>,
-    /// Devices with buffered events.
-    waiting: HashSet<String>,
     /// Device ids by the eviction bucket of their newest event (`max_ts / bucket_width`); an entry
     /// whose device has moved on to a later bucket is stale and skipped.
     buckets: BTreeMap<i64, Vec<String>>,
@@ -164,14 +156,8 @@ impl Cleaner {
         Cleaner {
             config,
             devices: HashMap::new(),
-            released: Vec::new(),
-            new_keys: Vec::new(),
-            offsets: BTreeMap::new(),
-            buffered: 0,
-            seen: 0,
+            out: Outputs::default(),
             max_ts: i64::MIN,
-            changed: Vec::new(),
-            waiting: HashSet::new(),
             buckets: BTreeMap::new(),
             evicted: Vec::new(),
             evicted_total: 0,
@@ -198,7 +184,7 @@ impl Cleaner {
                 .entry(k.device_id)
                 .or_insert_with(|| Device::new(now_ms));
             if d.seen.insert(k.ts, (k.latitude_bits, k.longitude_bits)).is_none() {
-                c.seen += 1;
+                c.out.seen += 1;
             }
         }
         let width = c.bucket_width();
@@ -274,26 +260,17 @@ impl Cleaner {
         device.dirty = true;
         if !device.listed {
             device.listed = true;
-            self.changed.push(event.device_id.clone());
+            self.out.changed.push(event.device_id.clone());
         }
         if device.buffer.is_empty() {
-            self.waiting.insert(event.device_id.clone());
+            self.out.waiting.insert(event.device_id.clone());
         }
         let id = event.device_id.clone();
         device.buffer.insert(event.ts, (event, offset));
-        *self.offsets.entry(offset).or_insert(0) += 1;
-        self.buffered += 1;
+        *self.out.offsets.entry(offset).or_insert(0) += 1;
+        self.out.buffered += 1;
         let watermark = device.watermark(lateness);
-        let mut out = Release {
-            released: &mut self.released,
-            new_keys: &mut self.new_keys,
-            offsets: &mut self.offsets,
-            buffered: &mut self.buffered,
-            seen: &mut self.seen,
-            changed: &mut self.changed,
-            waiting: &mut self.waiting,
-        };
-        out.release_through(&id, device, watermark, horizon);
+        self.out.release_through(&id, device, watermark, horizon);
         Outcome::Buffered
     }
 
@@ -304,6 +281,7 @@ impl Cleaner {
         let idle = self.config.idle_timeout_ms;
         let horizon = self.horizon();
         let due: Vec<String> = self
+            .out
             .waiting
             .iter()
             .filter(|id| {
@@ -315,16 +293,7 @@ impl Cleaner {
             .collect();
         for id in due {
             if let Some(device) = self.devices.get_mut(&id) {
-                let mut out = Release {
-                    released: &mut self.released,
-                    new_keys: &mut self.new_keys,
-                    offsets: &mut self.offsets,
-                    buffered: &mut self.buffered,
-                    seen: &mut self.seen,
-                    changed: &mut self.changed,
-                    waiting: &mut self.waiting,
-                };
-                out.release_through(&id, device, i64::MAX, horizon);
+                self.out.release_through(&id, device, i64::MAX, horizon);
             }
         }
         self.evict();
@@ -364,7 +333,7 @@ impl Cleaner {
                 }
                 if d.mark.max_ts < floor && d.buffer.is_empty() {
                     let d = self.devices.remove(&id).expect("looked up above");
-                    self.seen -= d.seen.len();
+                    self.out.seen -= d.seen.len();
                     self.evicted_total += 1;
                     self.evicted.push(id);
                 } else {
@@ -379,17 +348,17 @@ impl Cleaner {
 
     /// Events released since the last call, each device's in ts order.
     pub fn drain_released(&mut self) -> Vec<Released> {
-        std::mem::take(&mut self.released)
+        std::mem::take(&mut self.out.released)
     }
 
     /// True when released events wait to be drained.
     pub fn has_released(&self) -> bool {
-        !self.released.is_empty()
+        !self.out.released.is_empty()
     }
 
     /// Lowest offset of any event still in a reorder buffer.
     pub fn min_buffered_offset(&self) -> Option<i64> {
-        self.offsets.keys().next().copied()
+        self.out.offsets.keys().next().copied()
     }
 
     /// State changes since the last call (for a checkpoint).
@@ -399,11 +368,11 @@ impl Cleaner {
             ..Changes::default()
         };
         let devices = &self.devices;
-        changes.new_keys = std::mem::take(&mut self.new_keys)
+        changes.new_keys = std::mem::take(&mut self.out.new_keys)
             .into_iter()
             .filter(|k| devices.contains_key(&k.device_id))
             .collect();
-        for id in std::mem::take(&mut self.changed) {
+        for id in std::mem::take(&mut self.out.changed) {
             let Some(d) = self.devices.get_mut(&id) else { continue };
             d.listed = false;
             if d.dirty {
@@ -421,7 +390,7 @@ impl Cleaner {
     /// identity kept for deduplication. Waiting events are not part of it (they are read again).
     pub fn snapshot(&self) -> (Vec<(String, DeviceMark)>, Vec<SeenKey>) {
         let mut marks = Vec::with_capacity(self.devices.len());
-        let mut keys = Vec::with_capacity(self.seen);
+        let mut keys = Vec::with_capacity(self.out.seen);
         for (id, d) in &self.devices {
             marks.push((id.clone(), d.mark));
             keys.extend(d.seen.iter().map(|(ts, (lat, lon))| SeenKey {
@@ -436,12 +405,12 @@ impl Cleaner {
 
     /// Events in reorder buffers.
     pub fn buffered_len(&self) -> usize {
-        self.buffered
+        self.out.buffered
     }
 
     /// Released identities kept for deduplication.
     pub fn dedup_len(&self) -> usize {
-        self.seen
+        self.out.seen
     }
 
     /// Devices known to this partition.
@@ -461,18 +430,22 @@ impl Cleaner {
     }
 }
 
-/// The cleaner's outputs, borrowed apart from its device map.
-struct Release<'a> {
-    released: &'a mut Vec<Released>,
-    new_keys: &'a mut Vec<SeenKey>,
-    offsets: &'a mut BTreeMap<i64, u32>,
-    buffered: &'a mut usize,
-    seen: &'a mut usize,
-    changed: &'a mut Vec<String>,
-    waiting: &'a mut HashSet<String>,
+/// The cleaner's outputs and counters, apart from its device map.
+#[derive(Debug, Default)]
+struct Outputs {
+    released: Vec<Released>,
+    new_keys: Vec<SeenKey>,
+    /// Offsets of buffered events (multiset), for the resume offset.
+    offsets: BTreeMap<i64, u32>,
+    buffered: usize,
+    seen: usize,
+    /// Devices changed since the last `take_changes`.
+    changed: Vec<String>,
+    /// Devices with buffered events.
+    waiting: HashSet<String>,
 }
 
-impl Release<'_> {
+impl Outputs {
     /// Moves the device's buffered events with `ts <= through` out, in ts order, records their
     /// identities, and prunes identities that fell out of the horizon.
     fn release_through(&mut self, id: &str, device: &mut Device, through: i64, horizon: i64) {
@@ -489,10 +462,10 @@ impl Release<'_> {
                     self.offsets.remove(&offset);
                 }
             }
-            *self.buffered -= 1;
+            self.buffered -= 1;
             let bits = (event.latitude.to_bits(), event.longitude.to_bits());
             if device.seen.insert(ts, bits).is_none() {
-                *self.seen += 1;
+                self.seen += 1;
             }
             self.new_keys.push(SeenKey {
                 device_id: event.device_id.clone(),
@@ -510,7 +483,7 @@ impl Release<'_> {
         let floor = device.mark.max_ts.saturating_sub(horizon);
         if device.seen.first_key_value().is_some_and(|(ts, _)| *ts < floor) {
             let kept = device.seen.split_off(&floor);
-            *self.seen -= device.seen.len();
+            self.seen -= device.seen.len();
             device.seen = kept;
             device.pruned_below = Some(floor);
         }
@@ -893,7 +866,7 @@ mod tests {
             let mut emitted: Vec<(String, i64)> = Vec::new();
             let (mut committed_emitted, mut resume, mut decided) = (0usize, 0usize, 0usize);
             let mut late: Vec<(usize, (String, i64))> = Vec::new();
-            let mut checkpoint = |b: &mut Cleaner, persisted: &mut Persisted, emitted: &Vec<(String, i64)>, i: usize| {
+            let checkpoint = |b: &mut Cleaner, persisted: &mut Persisted, emitted: &Vec<(String, i64)>, i: usize| {
                 persisted.apply(b.take_changes());
                 (emitted.len(), b.min_buffered_offset().map_or(i, |o| o as usize), i)
             };
