@@ -39,6 +39,11 @@ pub(crate) fn partitions_owned(n: usize) {
     gauge!("stream_processor_partitions_owned").set(n as f64);
 }
 
+/// 1 while the partition is stopped because the topic's log ends before its committed position.
+pub(crate) fn partition_stopped(partition: i32, stopped: bool) {
+    gauge!("stream_processor_partition_stopped", "partition" => partition.to_string()).set(if stopped { 1.0 } else { 0.0 });
+}
+
 /// 1 while the sink refuses the partition's next batch.
 pub(crate) fn sink_blocked(partition: i32, blocked: bool) {
     gauge!("stream_processor_sink_blocked", "partition" => partition.to_string()).set(if blocked { 1.0 } else { 0.0 });

@@ -407,7 +407,7 @@ impl Pipeline {
             self.restorer.clone().take_over(p, self.assignments, now)
         });
         for result in futures::future::join_all(restores).await {
-            let (p, generation, core, writer) = result?;
+            let (p, generation, core, writer, regressed) = result?;
             self.resume_partition(p);
             self.high_watermarks
                 .lock()
@@ -421,6 +421,20 @@ impl Pipeline {
                 paused: false,
             };
             metrics::sink_blocked(p, false);
+            metrics::partition_stopped(p, regressed.is_some());
+            if let Some((resume, log_end)) = regressed {
+                tracing::error!(
+                    partition = p,
+                    resume_offset = resume,
+                    log_end,
+                    "the topic's log ends before this partition's committed position (the broker lost acknowledged writes, or the topic was recreated); the partition is stopped rather than skipping every event below that position"
+                );
+                owned.core.stop(true);
+                self.health.blocked.block(
+                    p,
+                    format!("topic log ends at {log_end}, before the committed position {resume}"),
+                );
+            }
             // Resend the restored outbox, in order.
             let actions = owned.core.on_tick(now, None);
             self.owned.insert(p, owned);
@@ -512,6 +526,7 @@ impl Pipeline {
             }
         }
         self.health.blocked.clear(p);
+        metrics::partition_stopped(p, false);
         self.high_watermarks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -599,7 +614,12 @@ impl Restorer {
 
     /// Fences p's earlier owners (by initializing p's transactional producer), then restores
     /// p's last committed state.
-    async fn take_over(self, p: i32, generation: u64, now: u64) -> anyhow::Result<(i32, u64, Partition, TxnWriter)> {
+    async fn take_over(
+        self,
+        p: i32,
+        generation: u64,
+        now: u64,
+    ) -> anyhow::Result<(i32, u64, Partition, TxnWriter, Option<(i64, i64)>)> {
         let writer_id = format!("{}.{p}.{generation}", self.writer_prefix);
         let s = Arc::clone(&self.settings);
         let mut config = self.producer_config.clone();
@@ -653,9 +673,22 @@ impl Restorer {
             outbox_batches = restored.state.outbox.len(),
             "partition state restored"
         );
+        // The topic's log must reach the resume offset: if it ends before (the broker lost
+        // acknowledged writes, or the topic was recreated), reading on would silently skip
+        // every new event below the stored position.
+        let regressed = match restored.state.resume_offset {
+            Some(resume) if resume > 0 => {
+                let (c, t) = (Arc::clone(&self.consumer), s.kafka_topic.clone());
+                let (_, high) = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)))
+                    .await?
+                    .with_context(|| format!("partition {p}: reading the topic's log end"))?;
+                (high < resume).then_some((resume, high))
+            }
+            _ => None,
+        };
         let since_snapshot = restored.position.as_ref().map_or(0, |p| p.bytes_since_snapshot);
         let core = Partition::restore(self.partition_config(p, writer_id), restored.state, since_snapshot, now);
-        Ok((p, generation, core, writer))
+        Ok((p, generation, core, writer, regressed))
     }
 }
 

@@ -29,6 +29,12 @@ pub enum Delivery {
 pub struct Blocked(Arc<Mutex<BTreeMap<i32, String>>>);
 
 impl Blocked {
+    /// Marks a partition as stopped for another reason than the sink (`reason` shows in
+    /// `/readyz`).
+    pub fn block(&self, partition: i32, reason: String) {
+        self.set(partition, Some(reason));
+    }
+
     /// Forgets a partition this process no longer owns.
     pub fn clear(&self, partition: i32) {
         self.set(partition, None);

@@ -218,3 +218,33 @@ async fn a_sink_that_refuses_batches_blocks_delivery_and_loses_nothing() {
     let letters = consume(&brokers(), &h.dlq, c.late.len() + c.invalid + 1, Duration::from_secs(5));
     assert_eq!(letters.len(), c.late.len() + c.invalid, "only late and invalid events are dead letters");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_log_that_ends_before_the_committed_position_stops_the_partition() {
+    let mut h = Harness::new().await;
+    let (records, expected) = steady_stream(3, 3_000, 17);
+    produce(&brokers(), &h.topic, &records).await;
+    h.start_processor(&[]);
+    let total: usize = expected.values().map(Vec::len).sum();
+    h.settle(total, Duration::from_secs(90)).await;
+    h.signal(MAIN, "TERM");
+    let status = h.wait_processor_exit(Duration::from_secs(60)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // The same committed state against a log that ends earlier, as after the topic was
+    // recreated: the new events sit below the stored positions and must not be skipped quietly.
+    let recreated = test_support::unique("eo-recreated");
+    test_support::create_topic(&brokers(), &recreated, PARTITIONS).await;
+    let (few, _) = steady_stream(3, 30, 18);
+    produce(&brokers(), &recreated, &few).await;
+    let changelog = h.changelog();
+    h.start_processor(&[("KAFKA_TOPIC", recreated), ("CHANGELOG_TOPIC", changelog)]);
+    h.wait_run_log(MAIN, "the topic's log ends before this partition's committed position", Duration::from_secs(60))
+        .await;
+    let start = Instant::now();
+    while h.readyz(MAIN).await != 503 {
+        assert!(start.elapsed() < Duration::from_secs(20), "/readyz reports the stopped partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.sink.count().await as usize, total, "nothing of the shorter log was delivered");
+}
