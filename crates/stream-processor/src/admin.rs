@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::sink::Blocked;
 
 /// What `/readyz` reports: ready once the group assigned this member (even nothing), and no
-/// partition's delivery is blocked by the sink's answers.
+/// partition is stopped (the sink refusing its batches, or its topic log gone backwards).
 #[derive(Debug, Default)]
 pub struct Health {
     pub assigned: AtomicBool,
@@ -40,7 +40,7 @@ pub(crate) fn router(health: Arc<Health>) -> Router {
                             .collect();
                         (
                             StatusCode::SERVICE_UNAVAILABLE,
-                            Json(json!({"status": "sink refuses batches", "blocked": partitions})),
+                            Json(json!({"status": "partitions stopped", "blocked": partitions})),
                         )
                     } else {
                         (StatusCode::OK, Json(json!({"status": "ready"})))

@@ -24,32 +24,38 @@ pub enum Delivery {
     Cancelled,
 }
 
-/// Partitions whose sink answers block delivery, with the answer (for `/readyz`).
+/// Partitions stopped for a reason an operator must fix, with the reason (for `/readyz`): the
+/// sink refusing their batches, or a topic log that ends before their committed position.
 #[derive(Debug, Clone, Default)]
 pub struct Blocked(Arc<Mutex<BTreeMap<i32, String>>>);
 
 impl Blocked {
-    /// Marks a partition as stopped for another reason than the sink (`reason` shows in
-    /// `/readyz`).
+    /// The sink refuses the partition's batch (`Some(answer)`), or takes it again (`None`).
+    fn sink_refuses(&self, partition: i32, answer: Option<String>) {
+        crate::metrics::sink_blocked(partition, answer.is_some());
+        self.set(partition, answer);
+    }
+
+    /// Marks a partition as stopped for another reason than the sink (its own metric says which).
     pub fn block(&self, partition: i32, reason: String) {
         self.set(partition, Some(reason));
     }
 
     /// Forgets a partition this process no longer owns.
     pub fn clear(&self, partition: i32) {
+        crate::metrics::sink_blocked(partition, false);
         self.set(partition, None);
     }
 
-    fn set(&self, partition: i32, answer: Option<String>) {
+    fn set(&self, partition: i32, reason: Option<String>) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match answer {
-            Some(a) => map.insert(partition, a),
+        match reason {
+            Some(r) => map.insert(partition, r),
             None => map.remove(&partition),
         };
-        crate::metrics::sink_blocked(partition, map.contains_key(&partition));
     }
 
-    /// The blocked partitions and the sink's answer to each.
+    /// The stopped partitions and the reason for each.
     pub fn snapshot(&self) -> BTreeMap<i32, String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -143,7 +149,7 @@ impl Sink {
             let delay = match outcome {
                 Attempt::Done(d) => {
                     if blocked_by.is_some() {
-                        self.blocked.set(batch.partition, None);
+                        self.blocked.sink_refuses(batch.partition, None);
                         tracing::info!(partition = batch.partition, batch = %batch.id, "sink accepts batches again; partition unblocked");
                     } else if failures > 0 {
                         tracing::info!(batch = %batch.id, failures, "sink accepted batch after retries");
@@ -174,7 +180,7 @@ impl Sink {
                             },
                             "sink refuses the batch; delivery of this partition is blocked (nothing is dropped, retrying)"
                         );
-                        self.blocked.set(batch.partition, Some(answer.clone()));
+                        self.blocked.sink_refuses(batch.partition, Some(answer.clone()));
                         blocked_by = Some(answer);
                     }
                     backoff(self.backoff_max, self.backoff_max, 1)

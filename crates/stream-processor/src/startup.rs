@@ -17,6 +17,18 @@ use crate::pipeline::{Parts, Pipeline};
 use crate::store::StateStore;
 use crate::Settings;
 
+/// How many partitions `topic` has, from the broker's metadata.
+async fn partition_count(consumer: &Arc<consumer::GroupConsumer>, topic: &str) -> anyhow::Result<i32> {
+    let (c, t) = (Arc::clone(consumer), topic.to_owned());
+    let count = tokio::task::spawn_blocking(move || {
+        c.fetch_metadata(Some(&t), Duration::from_secs(10))
+            .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
+    })
+    .await?
+    .with_context(|| format!("reading the partition count of {topic}"))?;
+    Ok(count as i32)
+}
+
 /// A ready-to-run processor: topics in place, state cache open, admin port bound, consumer
 /// thread started.
 #[derive(Debug)]
@@ -65,15 +77,7 @@ impl Application {
             .context("creating the consumer")?,
         );
         // The changelog has one partition per input partition.
-        let partitions = {
-            let (c, topic) = (Arc::clone(&consumer), settings.kafka_topic.clone());
-            tokio::task::spawn_blocking(move || {
-                c.fetch_metadata(Some(&topic), Duration::from_secs(10))
-                    .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
-            })
-            .await?
-            .context("reading the topic's partition count")? as i32
-        };
+        let partitions = partition_count(&consumer, &settings.kafka_topic).await?;
         let changelog = settings.changelog();
         service_common::kafka::ensure_topic_with_config_retry(
             &brokers,
@@ -89,15 +93,7 @@ impl Application {
             ],
         )
         .await;
-        let changelog_partitions = {
-            let (c, topic) = (Arc::clone(&consumer), changelog.clone());
-            tokio::task::spawn_blocking(move || {
-                c.fetch_metadata(Some(&topic), Duration::from_secs(10))
-                    .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
-            })
-            .await?
-            .context("reading the changelog's partition count")? as i32
-        };
+        let changelog_partitions = partition_count(&consumer, &changelog).await?;
         if changelog_partitions < partitions {
             bail!("changelog topic {changelog} has {changelog_partitions} partitions, fewer than the {partitions} of {}", settings.kafka_topic);
         }

@@ -261,7 +261,11 @@ impl Writer {
         Ok((reset.then_some(first_offset), commit_offset))
     }
 
-    fn enqueue<'a>(&self, mut record: FutureRecord<'a, (), [u8]>) -> Result<DeliveryFuture, Failure> {
+    /// Queues one record, waiting while librdkafka's queue is full.
+    fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
+        &self,
+        mut record: FutureRecord<'_, K, [u8]>,
+    ) -> Result<DeliveryFuture, Failure> {
         loop {
             match self.producer.send_result(record) {
                 Ok(f) => return Ok(f),
@@ -304,16 +308,7 @@ impl Writer {
         if let Some(k) = &letter.key {
             record = record.key(k.as_slice());
         }
-        loop {
-            match self.producer.send_result(record) {
-                Ok(f) => return Ok(f),
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(classify(e)),
-            }
-        }
+        self.enqueue(record)
     }
 
     /// Deletes the changelog before a committed snapshot: restore time stays bounded by the
