@@ -60,6 +60,9 @@ fn store_error(err: StoreError) -> ApiError {
             e.field = Some("Idempotency-Key");
             e
         }
+        StoreError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", err.to_string())
+        }
         other => {
             tracing::error!(error = %other, "store request failed");
             ApiError::internal()
@@ -110,18 +113,12 @@ async fn post_batch(
     let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
     let key = idempotency_key(&headers, &bytes)?;
     let events = parse_batch(&bytes)?;
-    if events.len() > state.settings.max_batch_len {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
-            format!(
-                "batch has {} events, the limit is {}",
-                events.len(),
-                state.settings.max_batch_len
-            ),
-        ));
-    }
-    let receipt = state.store.insert_batch(events, key).await.map_err(store_error)?;
+    // The length limit is checked by the store after the key: a replay is answered at any length.
+    let receipt = state
+        .store
+        .insert_batch(events, key, state.settings.max_batch_len)
+        .await
+        .map_err(store_error)?;
     let status = StatusCode::from_u16(receipt.status).unwrap_or(StatusCode::CREATED);
     let mut response = (
         status,

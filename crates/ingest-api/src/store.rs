@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 /// How many queued write requests one transaction may take.
 const MAX_GROUP: usize = 64;
 
-/// Store errors; all but `KeyReused` are the server's fault.
+/// Store errors; all but `KeyReused` and `TooLarge` are the server's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sqlite: {0}")]
@@ -23,6 +23,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("idempotency key was already used with a different body")]
     KeyReused,
+    #[error("batch has {len} events, the limit is {max}")]
+    TooLarge { len: usize, max: usize },
     #[error("store writer has stopped")]
     Closed,
 }
@@ -83,6 +85,7 @@ enum WriteOp {
     Batch {
         events: Vec<Event>,
         key: Option<IdempotencyKey>,
+        max_len: usize,
         reply: oneshot::Sender<Result<BatchReceipt>>,
     },
 }
@@ -167,15 +170,24 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Stores a batch in one transaction, or replays the answer of an applied key.
+    /// Stores a batch of at most `max_len` events in one transaction, or replays the answer of
+    /// an applied key. A replay is answered whatever the batch's length: a batch stored before
+    /// the limit was lowered is acknowledged again, not refused (a client that split it on a
+    /// refusal would store its events twice).
     pub async fn insert_batch(
         &self,
         events: Vec<Event>,
         key: Option<IdempotencyKey>,
+        max_len: usize,
     ) -> Result<BatchReceipt> {
         let (reply, rx) = oneshot::channel();
         self.writer
-            .send(WriteOp::Batch { events, key, reply })
+            .send(WriteOp::Batch {
+                events,
+                key,
+                max_len,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -296,6 +308,7 @@ fn apply_batch(
     tx: &Connection,
     events: &[Event],
     key: Option<&IdempotencyKey>,
+    max_len: usize,
     now: i64,
 ) -> Result<BatchReceipt> {
     if let Some(k) = key {
@@ -313,6 +326,12 @@ fn apply_batch(
                 replayed: true,
             });
         }
+    }
+    if events.len() > max_len {
+        return Err(StoreError::TooLarge {
+            len: events.len(),
+            max: max_len,
+        });
     }
     let ids = insert_rows(tx, events, now)?;
     let body = serde_json::json!({
@@ -371,8 +390,13 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
                         let r = apply_one(&sp, event, now);
                         Done::One(reply, r)
                     }
-                    WriteOp::Batch { events, key, reply } => {
-                        let r = apply_batch(&sp, &events, key.as_ref(), now);
+                    WriteOp::Batch {
+                        events,
+                        key,
+                        max_len,
+                        reply,
+                    } => {
+                        let r = apply_batch(&sp, &events, key.as_ref(), max_len, now);
                         Done::Batch(reply, r, events.len())
                     }
                 };

@@ -494,6 +494,25 @@ async fn data_and_keys_survive_a_restart_on_the_same_file() {
 }
 
 #[tokio::test]
+async fn a_stored_batch_is_replayed_after_the_length_limit_is_lowered_not_refused() {
+    let app = spawn_app().await;
+    let stored = app.post_batch(Some("long-key"), batch("b", 0, 8)).await;
+    assert_eq!(stored.status(), StatusCode::CREATED);
+    let (db, dir) = app.stop().await;
+    let app = spawn_app_at(db, dir, |s| s.max_batch_len = 4).await;
+    let replay = app.post_batch(Some("long-key"), batch("b", 0, 8)).await;
+    assert_eq!(replay.status(), StatusCode::CREATED, "a replay is answered at any length");
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let fresh = app.post_batch(Some("other-key"), batch("c", 0, 8)).await;
+    assert_eq!(
+        error_body(fresh, StatusCode::PAYLOAD_TOO_LARGE).await["error"],
+        "batch_too_large",
+        "a new batch over the limit is refused"
+    );
+    assert_eq!(app.total().await, 8);
+}
+
+#[tokio::test]
 async fn idempotency_keys_expire_after_the_retention_and_a_late_resend_is_stored_again() {
     let app = spawn_app_with(|s| {
         s.idempotency_retention_ms = 300;

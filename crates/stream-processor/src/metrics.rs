@@ -49,7 +49,12 @@ pub(crate) fn sink_blocked(partition: i32, blocked: bool) {
     gauge!("stream_processor_sink_blocked", "partition" => partition.to_string()).set(if blocked { 1.0 } else { 0.0 });
 }
 
-/// One sink request: `result` is ok, replayed, retryable or rejected.
+/// The sink refused one of the partition's batches as too large, and its outbox was split.
+pub(crate) fn batch_split(partition: i32) {
+    counter!("stream_processor_batch_splits_total", "partition" => partition.to_string()).increment(1);
+}
+
+/// One sink request: `result` is ok, replayed, too_large, retryable or rejected.
 pub(crate) fn sink_request(result: &'static str, seconds: f64) {
     counter!("stream_processor_sink_requests_total", "result" => result).increment(1);
     histogram!("stream_processor_sink_request_duration_seconds").record(seconds);
@@ -102,7 +107,7 @@ pub(crate) fn init() {
     for outcome in ["consumed", "duplicate", "conflict", "late", "invalid", "emitted"] {
         counter!("stream_processor_events_total", "outcome" => outcome).increment(0);
     }
-    for result in ["ok", "replayed", "retryable", "rejected"] {
+    for result in ["ok", "replayed", "too_large", "retryable", "rejected"] {
         counter!("stream_processor_sink_requests_total", "result" => result).increment(0);
     }
     for reason in ["late", "invalid"] {

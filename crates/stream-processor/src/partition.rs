@@ -7,11 +7,18 @@
 //! cleaner's changes, the dead letters decided, and the resume offset; at most one is in
 //! flight. Its batches become sendable only once it committed. One batch is in flight to the
 //! sink at a time, in sequence order; an acknowledgement is recorded by the next checkpoint.
+//!
+//! A batch the sink refuses as too large (413) is split, and the split is a checkpoint like any
+//! other: the whole outbox is re-cut into batches of at most half the refused one's length, under
+//! fresh sequence numbers, and the old ones are retired in the same commit. Only then is anything
+//! sent again, so no owner ever sends both a batch and a part of it, and batch ids never repeat.
+//! The batches after the refused one were never sent (one at a time, in order), so re-cutting
+//! them too keeps the order. The lower limit stays for new batches while this owner lives.
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use telemetry_core::{Batcher, Cleaner, CleanupConfig, Event, Outcome};
+use telemetry_core::{balanced_chunks, Batcher, Cleaner, CleanupConfig, Event, Outcome};
 
 use crate::changelog::{batch_id, Commit, OutboxBatch, PartitionState, Record, StateDelta};
 
@@ -69,8 +76,10 @@ pub struct CheckpointPlan {
     pub resume_offset: i64,
     /// Starts with a `Reset`: once committed, the log before it may be deleted.
     pub snapshot: bool,
-    /// Events in each batch it adds to the outbox.
+    /// Events in each new batch it adds to the outbox (not counting re-cut ones).
     pub batch_sizes: Vec<usize>,
+    /// When it splits the outbox: how many batches were replaced by how many.
+    pub split: Option<(usize, usize)>,
 }
 
 /// What the drivers must do next for this partition.
@@ -112,6 +121,10 @@ pub struct Partition {
     /// Committed batches not yet acknowledged, in sequence order.
     outbox: VecDeque<OutboxBatch>,
     sending: Option<i64>,
+    /// The sink refused a batch as too large: the next checkpoint re-cuts the outbox into
+    /// batches of at most this many events; nothing is sent until it commits.
+    split_to: Option<usize>,
+    /// Batches up to this sequence number are acknowledged, or retired by a split.
     acked_through: Option<i64>,
     acked_recorded: Option<i64>,
     dead_letters: Vec<DeadLetter>,
@@ -141,6 +154,7 @@ impl Partition {
             next_seq: state.next_seq,
             outbox: state.outbox.into_values().collect(),
             sending: None,
+            split_to: None,
             acked_through: None,
             acked_recorded: None,
             dead_letters: Vec::new(),
@@ -277,6 +291,25 @@ impl Partition {
         self.next_actions(now, false)
     }
 
+    /// The sink refused batch `seq` (the one in flight) as too large. Returns the limit the
+    /// outbox will be re-cut to, or `None` when the batch has one event (it cannot be split).
+    pub fn on_too_large(&mut self, seq: i64, now: u64) -> (Option<usize>, Actions) {
+        if self.sending != Some(seq) {
+            return (None, Actions::default());
+        }
+        let events = self.outbox.front().filter(|b| b.seq == seq).map_or(0, |b| b.events);
+        if events <= 1 {
+            return (None, Actions::default());
+        }
+        self.sending = None;
+        let limit = events.div_ceil(2);
+        self.split_to = Some(self.split_to.map_or(limit, |l| l.min(limit)));
+        if self.batcher.max_len() > limit {
+            self.batcher.set_max_len(limit);
+        }
+        (Some(limit), self.next_actions(now, true))
+    }
+
     /// The send of batch `seq` was abandoned (shutdown or revocation): it stays in the outbox.
     pub fn on_send_abandoned(&mut self, seq: i64) {
         if self.sending == Some(seq) {
@@ -315,6 +348,7 @@ impl Partition {
             || self.dirty
             || !self.dead_letters.is_empty()
             || self.acked_through != self.acked_recorded
+            || self.split_to.is_some()
             || self.cleaner.has_released()
     }
 
@@ -336,7 +370,7 @@ impl Partition {
                 actions.checkpoint = Some(self.checkpoint(now));
             }
         }
-        if self.sending.is_none() && (!self.stopped || self.keep_sending) {
+        if self.sending.is_none() && self.split_to.is_none() && (!self.stopped || self.keep_sending) {
             if let Some(b) = self.outbox.front() {
                 self.sending = Some(b.seq);
                 actions.send = Some(b.clone());
@@ -349,10 +383,26 @@ impl Partition {
         self.take_released(now);
         let partition = self.cfg.partition;
         let resume_offset = self.cleaner.min_buffered_offset().unwrap_or(self.next_offset);
-        let batches: Vec<OutboxBatch> = self
-            .batcher
-            .take_batches()
+        // A split re-cuts the outbox first (it comes before the new batches), retiring it.
+        let mut recut: Vec<Vec<Event>> = Vec::new();
+        let mut split = None;
+        if let Some(limit) = self.split_to.take() {
+            let old = std::mem::take(&mut self.outbox);
+            if let Some(last) = old.back() {
+                self.acked_through = Some(last.seq);
+            }
+            for b in &old {
+                let events: Vec<Event> =
+                    serde_json::from_slice(&b.body).expect("an outbox batch is the JSON array this partition wrote");
+                recut.extend(balanced_chunks(events, limit));
+            }
+            split = Some((old.len(), recut.len()));
+        }
+        let fresh = self.batcher.take_batches();
+        let batch_sizes = fresh.iter().map(Vec::len).collect();
+        let batches: Vec<OutboxBatch> = recut
             .into_iter()
+            .chain(fresh)
             .map(|events| {
                 let seq = self.next_seq;
                 self.next_seq += 1;
@@ -414,7 +464,6 @@ impl Partition {
         self.decided_offset = self.next_offset;
         self.dirty = false;
         self.last_checkpoint_ms = now;
-        let batch_sizes = batches.iter().map(|b| b.events).collect();
         self.in_flight = Some(InFlight {
             number,
             batches,
@@ -430,6 +479,7 @@ impl Partition {
             resume_offset,
             snapshot,
             batch_sizes,
+            split,
         }
     }
 }
@@ -640,5 +690,59 @@ mod tests {
         assert!(p.on_committed(last.number, 0).send.is_none());
         assert!(p.is_settled(), "revoked: settled once recorded, outbox left for the next owner");
         assert_eq!(p.outbox_len(), 2);
+    }
+
+    fn outbox_ts(state: &PartitionState) -> Vec<i64> {
+        state
+            .outbox
+            .values()
+            .flat_map(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b.body).expect("json"))
+            .map(|e| e["ts"].as_i64().expect("ts"))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_refused_as_too_large_splits_the_outbox_in_a_checkpoint_with_fresh_ids() {
+        let mut p = fresh();
+        let mut state = PartitionState::default();
+        // Seven events released by an idle flush: batches of 3 (seq 0), 2 and 2 (seq 1, 2).
+        for (i, ts) in (0..7).map(|i| 1000 + 10 * i).enumerate() {
+            let a = p.on_event(None, &ev(ts), i as i64, 0);
+            commit_through(&mut p, &mut state, a, 0);
+        }
+        let a = p.on_tick(2_000, Some(2_000));
+        let (_, sent) = commit_through(&mut p, &mut state, a, 2_000);
+        assert_eq!(sent.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![0]);
+        let before = outbox_ts(&state);
+        assert_eq!(state.outbox.len(), 3);
+
+        let (limit, a) = p.on_too_large(0, 2_001);
+        assert_eq!(limit, Some(2), "half of the refused batch's 3 events, rounded up");
+        assert!(a.send.is_none(), "nothing is sent before the split commits");
+        let plan = a.checkpoint.expect("the split is a checkpoint");
+        assert_eq!(plan.split, Some((3, 4)), "3 + 2 + 2 events re-cut to 2+1, 2, 2");
+        assert!(plan.batch_sizes.is_empty(), "no new events: re-cut batches are not counted again");
+        apply(&mut state, &plan);
+        assert_eq!(state.outbox.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5, 6], "fresh ids only");
+        assert!(state.outbox.values().all(|b| b.events <= 2));
+        assert_eq!(outbox_ts(&state), before, "same events, same order");
+        assert!(p.on_tick(2_002, None).send.is_none(), "still waiting for the split's commit");
+
+        let a = p.on_committed(plan.number, 2_003);
+        let first = a.send.expect("the first part goes out once the split committed");
+        assert_eq!((first.seq, first.id.as_str(), first.events), (3, "t-2-3", 2));
+        // A new owner restored from the changelog has the split outbox, not the old batches.
+        let q = Partition::restore(cfg(), state.clone(), 0, 0);
+        assert_eq!(q.outbox_len(), 4);
+        // New batches of this owner respect the lower limit.
+        for (i, ts) in (0..4).map(|i| 3000 + 10 * i).enumerate() {
+            let a = p.on_event(None, &ev(ts), 7 + i as i64, 2_004);
+            commit_through(&mut p, &mut state, a, 2_004);
+        }
+        let a = p.flush(2_004);
+        commit_through(&mut p, &mut state, a, 2_004);
+        let a = p.on_tick(9_000, Some(9_000));
+        commit_through(&mut p, &mut state, a, 9_000);
+        assert!(state.outbox.values().all(|b| b.events <= 2), "{:?}", state.outbox.values().map(|b| b.events).collect::<Vec<_>>());
     }
 }

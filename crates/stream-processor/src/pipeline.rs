@@ -331,6 +331,23 @@ impl Pipeline {
                     self.act(p, actions)?;
                 }
             }
+            Delivery::TooLarge { answer } => {
+                if let Some(o) = self.owned.get_mut(&p) {
+                    let (limit, actions) = o.core.on_too_large(seq, now);
+                    if let Some(limit) = limit {
+                        metrics::batch_split(p);
+                        tracing::warn!(
+                            partition = p,
+                            seq,
+                            answer = %answer,
+                            limit,
+                            hint = "lower BATCH_SIZE to at most the sink's MAX_BATCH_LEN (and its MAX_BODY_BYTES)",
+                            "sink refuses the batch as too large; the outbox is split into batches of at most `limit` events (checkpointed, nothing lost)"
+                        );
+                    }
+                    self.act(p, actions)?;
+                }
+            }
             Delivery::Cancelled => {
                 if let Some(o) = self.owned.get_mut(&p) {
                     o.core.on_send_abandoned(seq);

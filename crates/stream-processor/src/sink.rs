@@ -4,7 +4,8 @@
 //! sink and this processor disagree (wrong URL, auth, version skew, a batch over the sink's
 //! limit, a reused key): the batch is never dropped or dead-lettered; the partition is marked
 //! blocked (metric, `/readyz` 503, one log line per change of answer) and the batch is retried
-//! at the longest backoff until the sink takes it.
+//! at the longest backoff until the sink takes it. The exception is 413 for a batch of more than
+//! one event: the delivery ends with `TooLarge` and the partition splits the batch.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,9 @@ use crate::changelog::OutboxBatch;
 pub enum Delivery {
     /// The sink stored the batch (or had stored it before: a replay).
     Acknowledged { replayed: bool },
+    /// The sink answered 413 (too many events or bytes) to a batch of more than one event: the
+    /// partition splits it (a checkpoint) before anything more is sent.
+    TooLarge { answer: String },
     /// Shutdown or revocation came first; the batch stays in the outbox.
     Cancelled,
 }
@@ -121,7 +125,12 @@ impl Sink {
                 let status = resp.status().as_u16();
                 let body = resp.text().await.unwrap_or_default();
                 let reason: String = body.chars().take(300).collect();
-                if status == 408 || status == 429 || status >= 500 {
+                if status == 413 && batch.events > 1 {
+                    crate::metrics::sink_request("too_large", seconds);
+                    Attempt::Done(Delivery::TooLarge {
+                        answer: format!("status {status}: {reason}"),
+                    })
+                } else if status == 408 || status == 429 || status >= 500 {
                     crate::metrics::sink_request("retryable", seconds);
                     Attempt::Retry(format!("status {status}: {reason}"))
                 } else {

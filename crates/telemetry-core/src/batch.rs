@@ -38,22 +38,19 @@ impl<T> Batcher<T> {
     }
 
     /// Everything waiting, in order, as the fewest batches of at most `max_len`, balanced in
-    /// size (1,300 items with `max_len` 1,000 become 650 + 650): no batch exceeds the sink's
-    /// limit and no tiny remainder goes alone.
+    /// size (see [`balanced_chunks`]).
     pub fn take_batches(&mut self) -> Vec<Vec<T>> {
-        let rest = std::mem::take(&mut self.waiting);
-        if rest.is_empty() {
-            return Vec::new();
-        }
-        let count = rest.len().div_ceil(self.max_len);
-        let (base, extra) = (rest.len() / count, rest.len() % count);
-        let mut out = Vec::with_capacity(count);
-        let mut items = rest.into_iter();
-        for i in 0..count {
-            let len = base + usize::from(i < extra);
-            out.push(items.by_ref().take(len).collect());
-        }
-        out
+        balanced_chunks(std::mem::take(&mut self.waiting), self.max_len)
+    }
+
+    /// Lowers (or raises) the largest batch from now on.
+    pub fn set_max_len(&mut self, max_len: usize) {
+        assert!(max_len > 0, "batch size must be at least 1");
+        self.max_len = max_len;
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
     }
 
     pub fn len(&self) -> usize {
@@ -63,6 +60,25 @@ impl<T> Batcher<T> {
     pub fn is_empty(&self) -> bool {
         self.waiting.is_empty()
     }
+}
+
+/// `items`, in order, as the fewest chunks of at most `max_len`, balanced in size (1,300 items
+/// with `max_len` 1,000 become 650 + 650): no chunk exceeds the limit and no tiny remainder
+/// goes alone. The same input always gives the same chunks.
+pub fn balanced_chunks<T>(items: Vec<T>, max_len: usize) -> Vec<Vec<T>> {
+    assert!(max_len > 0, "batch size must be at least 1");
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let count = items.len().div_ceil(max_len);
+    let (base, extra) = (items.len() / count, items.len() % count);
+    let mut out = Vec::with_capacity(count);
+    let mut items = items.into_iter();
+    for i in 0..count {
+        let len = base + usize::from(i < extra);
+        out.push(items.by_ref().take(len).collect());
+    }
+    out
 }
 
 #[cfg(test)]

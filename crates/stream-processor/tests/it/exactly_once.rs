@@ -220,6 +220,31 @@ async fn a_sink_that_refuses_batches_blocks_delivery_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_size_above_the_sinks_limit_splits_batches_and_loses_nothing_across_a_kill() {
+    let mut h = Harness::new().await;
+    h.sink.limit_batches(60).await;
+    let c = crafted(4, 600, 23);
+    produce(&brokers(), &h.topic, &c.records).await;
+    // BATCH_SIZE 500 against MAX_BATCH_LEN 60: every batch is refused (413) until split.
+    let big = [("BATCH_SIZE", "500".to_owned()), ("BATCH_LINGER_MS", "1000".to_owned())];
+    h.start_processor(&big);
+    h.wait_log(MAIN, "the outbox is split", 2, Duration::from_secs(60)).await;
+    h.kill_processor();
+    // The next owner finds the split outbox (or the unsplit one, if the kill came before the
+    // split committed) and splits again where it must.
+    h.start_processor(&big);
+    let total: usize = c.expected.values().map(Vec::len).sum();
+    let stored = h.settle(total, Duration::from_secs(120)).await;
+    assert_exactly(&stored, &c.expected);
+    assert!(
+        h.run_logs(MAIN).iter().all(|l| !l.contains("delivery of this partition is blocked")),
+        "a batch over the limit is split, not blocked"
+    );
+    let letters = consume(&brokers(), &h.dlq, c.late.len() + c.invalid + 1, Duration::from_secs(5));
+    assert_eq!(letters.len(), c.late.len() + c.invalid, "only late and invalid events are dead letters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_log_that_ends_before_the_committed_position_stops_the_partition() {
     let mut h = Harness::new().await;
     let (records, expected) = steady_stream(3, 3_000, 17);

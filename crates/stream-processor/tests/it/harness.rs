@@ -18,12 +18,19 @@ pub(crate) const PARTITIONS: i32 = 3;
 pub(crate) struct Sink {
     port: u16,
     db: PathBuf,
+    /// The sink's `MAX_BATCH_LEN` (ingest-api's default when `None`).
+    max_batch_len: Option<usize>,
     stop: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Sink {
     pub(crate) async fn start(port: u16, db: PathBuf) -> Sink {
-        let mut s = Sink { port, db, stop: None };
+        let mut s = Sink {
+            port,
+            db,
+            max_batch_len: None,
+            stop: None,
+        };
         s.resume().await;
         s
     }
@@ -31,6 +38,9 @@ impl Sink {
     pub(crate) async fn resume(&mut self) {
         let mut settings = ApiSettings::for_tests(self.db.clone());
         settings.port = self.port;
+        if let Some(n) = self.max_batch_len {
+            settings.max_batch_len = n;
+        }
         let start = Instant::now();
         let app = loop {
             match Application::build(settings.clone()).await {
@@ -53,6 +63,13 @@ impl Sink {
             .unwrap();
         });
         self.stop = Some((tx, task));
+    }
+
+    /// Restarts the sink with `MAX_BATCH_LEN` = `n`.
+    pub(crate) async fn limit_batches(&mut self, n: usize) {
+        self.pause().await;
+        self.max_batch_len = Some(n);
+        self.resume().await;
     }
 
     pub(crate) async fn pause(&mut self) {
