@@ -1,7 +1,7 @@
 //! Tracing, the Prometheus recorder, per-route request metrics and the shutdown signal.
 
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
@@ -37,19 +37,35 @@ pub fn init_tracing() {
     let _ = result;
 }
 
+/// How often the recorder's upkeep runs (drains histogram samples into their buckets).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The process-wide Prometheus recorder, installed on first use. Histograms (names ending in
 /// `_seconds`, `_size` or `_events`) get buckets so `histogram_quantile` works.
+///
+/// The recorder keeps histogram samples until they are folded into buckets, which a scrape
+/// does; a thread does it every `UPKEEP_INTERVAL` too, so a process nobody scrapes does not
+/// grow.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_events".into()), SIZE_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZE_BUCKETS))
                 .expect("static bucket lists are not empty")
                 .install_recorder()
-                .expect("no other metrics recorder is installed")
+                .expect("no other metrics recorder is installed");
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                })
+                .expect("spawn the metrics upkeep thread");
+            handle
         })
         .clone()
 }
