@@ -134,48 +134,84 @@ async fn post_batch(
     Ok(response)
 }
 
-/// Parses `page` and `size`; anything else in the query is ignored.
-fn page_params(query: Option<&str>, settings: &Settings) -> Result<(u64, u64), ApiError> {
-    let mut page = 1u64;
+/// Where a read of `GET /events` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    /// `page=N` (1-based), the default.
+    Page(u64),
+    /// `after=ID`: the rows with ids above ID (the keyset form).
+    After(u64),
+}
+
+/// Parses `page` or `after`, and `size`; anything else in the query is ignored.
+fn page_params(query: Option<&str>, settings: &Settings) -> Result<(From, u64), ApiError> {
+    let (mut page, mut after) = (None, None);
     let mut size = settings.default_page_size;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (field, slot, max): (&'static str, &mut u64, u64) = match name {
-            "page" => ("page", &mut page, u64::MAX / 2),
-            "size" => ("size", &mut size, settings.max_page_size),
+        let (field, min, max, rule) = match name {
+            "page" => ("page", 1, u64::MAX / 2, "page must be an integer >= 1".to_owned()),
+            "after" => ("after", 0, i64::MAX as u64, "after must be an event id (an integer >= 0)".to_owned()),
+            "size" => (
+                "size",
+                1,
+                settings.max_page_size,
+                format!("size must be an integer from 1 to {}", settings.max_page_size),
+            ),
             _ => continue,
         };
-        *slot = value
-            .parse::<u64>()
-            .ok()
-            .filter(|v| (1..=max).contains(v))
-            .ok_or_else(|| {
-                let rule = if field == "page" {
-                    "page must be an integer >= 1".to_owned()
-                } else {
-                    format!("size must be an integer from 1 to {max}")
-                };
-                let mut e = ApiError::bad_request("invalid_query", rule);
-                e.field = Some(field);
-                e
-            })?;
+        let value = value.parse::<u64>().ok().filter(|v| (min..=max).contains(v)).ok_or_else(|| {
+            let mut e = ApiError::bad_request("invalid_query", rule);
+            e.field = Some(field);
+            e
+        })?;
+        match field {
+            "page" => page = Some(value),
+            "after" => after = Some(value),
+            _ => size = value,
+        }
     }
-    Ok((page, size))
+    let from = match (page, after) {
+        (Some(_), Some(_)) => {
+            let mut e = ApiError::bad_request("invalid_query", "give page or after, not both");
+            e.field = Some("after");
+            return Err(e);
+        }
+        (_, Some(a)) => From::After(a),
+        (p, None) => From::Page(p.unwrap_or(1)),
+    };
+    Ok((from, size))
 }
 
 async fn get_events(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
-    let (page, size) = page_params(query.as_deref(), &state.settings)?;
-    let (events, total) = state.store.page(page, size).await.map_err(store_error)?;
-    let total_pages = total.div_ceil(size);
-    Ok(Json(json!({
-        "page": page,
-        "size": size,
-        "total": total,
-        "totalPages": total_pages,
-        "hasMore": page < total_pages,
-        "data": events,
-    }))
-    .into_response())
+    let (from, size) = page_params(query.as_deref(), &state.settings)?;
+    let body = match from {
+        From::Page(page) => {
+            let p = state.store.page(page, size).await.map_err(store_error)?;
+            let total_pages = p.total.div_ceil(size);
+            json!({
+                "page": page,
+                "size": size,
+                "total": p.total,
+                "totalPages": total_pages,
+                "hasMore": page < total_pages,
+                "next": p.next,
+                "data": p.data,
+            })
+        }
+        From::After(after) => {
+            let p = state.store.after(after as i64, size).await.map_err(store_error)?;
+            json!({
+                "after": after,
+                "size": size,
+                "total": p.total,
+                "hasMore": p.next.is_some(),
+                "next": p.next,
+                "data": p.data,
+            })
+        }
+    };
+    Ok(Json(body).into_response())
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {

@@ -125,6 +125,13 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
+-- The number of rows in `events`, kept in each insert's transaction (the service never deletes
+-- events), so a page never counts the table. A database from before it is counted once here.
+CREATE TABLE IF NOT EXISTS event_count (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    total INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO event_count (id, total) SELECT 1, COUNT(*) FROM events;
 ";
 
 /// Opens a connection with the pragmas every connection of this store uses.
@@ -193,29 +200,49 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// One page of stored events in insertion order, and the total count.
-    pub async fn page(&self, page: u64, size: u64) -> Result<(Vec<StoredEvent>, u64)> {
+    /// One page of stored events in insertion order, and the total count. Pages cost the same
+    /// at any depth: the count is kept by the inserts, and since ids run from 1 without gaps
+    /// (events are never deleted; checked on each read), page N is an id range. A database
+    /// whose ids have gaps (rows deleted by hand) is served with `OFFSET` instead.
+    pub async fn page(&self, page: u64, size: u64) -> Result<Page> {
+        self.read(move |tx, total, max_id| {
+            let skip = (page - 1).saturating_mul(size).min(i64::MAX as u64) as i64;
+            if max_id == total {
+                select_after(tx, skip, size)
+            } else {
+                let mut stmt = tx.prepare_cached(&format!("{SELECT_EVENTS} ORDER BY id LIMIT ?1 OFFSET ?2"))?;
+                let rows = stmt.query_map(params![size as i64, skip], stored_event)?;
+                rows.collect()
+            }
+        })
+        .await
+    }
+
+    /// Up to `size` events with ids above `after`, in insertion order, and the total count:
+    /// the keyset form of [`Store::page`], constant time at any depth whatever the ids.
+    pub async fn after(&self, after: i64, size: u64) -> Result<Page> {
+        self.read(move |tx, _, _| select_after(tx, after, size)).await
+    }
+
+    /// Runs `rows` in one read snapshot with the row count and the largest id.
+    async fn read(
+        &self,
+        rows: impl FnOnce(&Connection, i64, i64) -> rusqlite::Result<Vec<StoredEvent>> + Send + 'static,
+    ) -> Result<Page> {
         let reader = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.unchecked_transaction()?; // one snapshot for rows and count
-            let total: i64 = tx.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
-            let offset = (page - 1).saturating_mul(size);
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, device_id, ts, latitude, longitude, received_at FROM events ORDER BY id LIMIT ?1 OFFSET ?2",
-            )?;
-            let rows = stmt
-                .query_map(params![size as i64, offset.min(i64::MAX as u64) as i64], |r| {
-                    Ok(StoredEvent {
-                        id: r.get(0)?,
-                        event: Event { device_id: r.get(1)?, ts: r.get(2)?, latitude: r.get(3)?, longitude: r.get(4)? },
-                        received_at: r.get(5)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            drop(stmt);
+            let total: i64 = tx.query_row("SELECT total FROM event_count WHERE id = 1", [], |r| r.get(0))?;
+            let max_id: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+            let data = rows(&tx, total, max_id)?;
             tx.finish()?;
-            Ok((rows, total as u64))
+            let more = data.last().is_some_and(|e| e.id < max_id);
+            Ok(Page {
+                total: total as u64,
+                next: if more { data.last().map(|e| e.id) } else { None },
+                data,
+            })
         })
         .await
         .map_err(|_| StoreError::Closed)?
@@ -231,6 +258,37 @@ impl Store {
         .await
         .unwrap_or(false)
     }
+}
+
+/// A read of stored events.
+#[derive(Debug)]
+pub struct Page {
+    pub data: Vec<StoredEvent>,
+    /// Rows in the table.
+    pub total: u64,
+    /// The id to read after for the next page; `None` when this page reaches the last row.
+    pub next: Option<i64>,
+}
+
+const SELECT_EVENTS: &str = "SELECT id, device_id, ts, latitude, longitude, received_at FROM events";
+
+fn stored_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent {
+        id: r.get(0)?,
+        event: Event {
+            device_id: r.get(1)?,
+            ts: r.get(2)?,
+            latitude: r.get(3)?,
+            longitude: r.get(4)?,
+        },
+        received_at: r.get(5)?,
+    })
+}
+
+fn select_after(tx: &Connection, after: i64, size: u64) -> rusqlite::Result<Vec<StoredEvent>> {
+    let mut stmt = tx.prepare_cached(&format!("{SELECT_EVENTS} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+    let rows = stmt.query_map(params![after, size as i64], stored_event)?;
+    rows.collect()
 }
 
 /// Keys deleted per pruning transaction: each holds the write lock for a few milliseconds, so
@@ -285,7 +343,8 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Inserts rows with one prepared statement; returns the first and last ids.
+/// Inserts rows with one prepared statement and adds them to the row count; returns the first
+/// and last ids.
 pub fn insert_rows(
     tx: &Connection,
     events: &[Event],
@@ -300,6 +359,10 @@ pub fn insert_rows(
         stmt.execute(params![e.device_id, e.ts, e.latitude, e.longitude, received_at])?;
         last = tx.last_insert_rowid();
         first.get_or_insert(last);
+    }
+    if !events.is_empty() {
+        tx.prepare_cached("UPDATE event_count SET total = total + ?1 WHERE id = 1")?
+            .execute([events.len() as i64])?;
     }
     Ok(first.map(|f| (f, last)))
 }

@@ -374,6 +374,72 @@ async fn pages_are_in_insertion_order_with_metadata() {
     assert_eq!(default["data"].as_array().unwrap().len(), 25);
 }
 
+fn ids(page: &Value) -> Vec<i64> {
+    page["data"]
+        .as_array()
+        .expect("data is an array")
+        .iter()
+        .map(|e| e["id"].as_i64().expect("id"))
+        .collect()
+}
+
+#[tokio::test]
+async fn keyset_reads_follow_next_through_every_row_once() {
+    let app = spawn_app().await;
+    app.post_batch(None, batch("d", 0, 25)).await;
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page: Value = app.get(&format!("/events?after={after}&size=10")).await.json().await.expect("json");
+        assert_eq!(page["total"], 25);
+        assert_eq!(page["after"], after);
+        seen.extend(ids(&page));
+        match page["next"].as_i64() {
+            Some(next) => {
+                assert_eq!(page["hasMore"], true);
+                assert_eq!(Some(&next), seen.last(), "next is the page's last id");
+                after = next;
+            }
+            None => {
+                assert_eq!(page["hasMore"], false);
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, (1..=25).collect::<Vec<_>>());
+    let numbered: Value = app.get("/events?page=2&size=10").await.json().await.expect("json");
+    assert_eq!(ids(&numbered), (11..=20).collect::<Vec<_>>());
+    assert_eq!(numbered["next"], 20, "numbered pages carry next too");
+    let last: Value = app.get("/events?page=3&size=10").await.json().await.expect("json");
+    assert!(last["next"].is_null());
+    let past: Value = app.get("/events?after=25").await.json().await.expect("json");
+    assert_eq!(ids(&past), Vec::<i64>::new());
+}
+
+#[tokio::test]
+async fn the_count_of_an_older_database_is_taken_once_and_pages_survive_gaps_in_ids() {
+    let app = spawn_app().await;
+    app.post_batch(None, batch("d", 0, 10)).await;
+    let (db, dir) = app.stop().await;
+    {
+        let conn = rusqlite::Connection::open(&db).expect("open the database by hand");
+        // A database from before the row count, with a row deleted by hand.
+        conn.execute_batch("DROP TABLE event_count; DELETE FROM events WHERE id = 3;")
+            .expect("edit by hand");
+    }
+    let app = spawn_app_at(db, dir, |_| {}).await;
+    assert_eq!(app.total().await, 9, "counted once at start");
+    let p1: Value = app.get("/events?page=1&size=4").await.json().await.expect("json");
+    assert_eq!(ids(&p1), vec![1, 2, 4, 5]);
+    let p2: Value = app.get("/events?page=2&size=4").await.json().await.expect("json");
+    assert_eq!(ids(&p2), vec![6, 7, 8, 9]);
+    app.post_json("/event", event("d", 99).to_string()).await;
+    assert_eq!(app.total().await, 10, "kept by the inserts from then on");
+    let p3: Value = app.get("/events?page=3&size=4").await.json().await.expect("json");
+    assert_eq!(ids(&p3), vec![10, 11]);
+    assert_eq!(p3["hasMore"], false);
+}
+
 #[tokio::test]
 async fn bad_page_parameters_get_400_naming_the_parameter() {
     let app = spawn_app().await;
@@ -385,6 +451,9 @@ async fn bad_page_parameters_get_400_naming_the_parameter() {
         ("size=1001", "size"),
         ("size=1.5", "size"),
         ("page=1&size=", "size"),
+        ("after=-1", "after"),
+        ("after=x", "after"),
+        ("page=2&after=10", "after"),
     ] {
         let body = error_body(
             app.get(&format!("/events?{query}")).await,

@@ -11,6 +11,9 @@ async fn main() -> anyhow::Result<()> {
                 "verify: expected={} stored={} missing={} duplicated={} out_of_order={} unexpected={}",
                 r.expected, r.stored, r.missing, r.duplicated, r.out_of_order, r.unexpected
             );
+            if let Some((p50, p99, max)) = r.latency_ms {
+                println!("latency_ms p50={p50} p99={p99} max={max}");
+            }
             if !r.clean() {
                 std::process::exit(1);
             }

@@ -117,6 +117,13 @@ fn record(manifest: &Manifest, planned: &Planned, status: &str) {
     if let Some(w) = guard.as_mut() {
         let mut line = serde_json::to_value(&planned.event).expect("event serializes");
         line["status"] = serde_json::Value::from(status);
+        if status == "accepted" {
+            // When the acknowledgement came (unix ms), for verify's end-to-end latency.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            line["ackedAt"] = serde_json::Value::from(now);
+        }
         let _ = writeln!(w, "{line}");
     }
 }

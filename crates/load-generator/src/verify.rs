@@ -1,5 +1,7 @@
 //! `verify`: compares a manifest with what ingest-api stored: missing, duplicated, per-device
-//! order violations, and stored events nobody sent.
+//! order violations, and stored events nobody sent; and the end-to-end latency, from each
+//! event's first acknowledgement (the manifest's `ackedAt`) to the row's `receivedAt` (both
+//! clocks are the same when everything runs on one machine).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -17,6 +19,8 @@ pub struct Report {
     pub duplicated: usize,
     pub out_of_order: usize,
     pub unexpected: usize,
+    /// Milliseconds from acknowledgement to storage: p50, p99, max (None when nothing to measure).
+    pub latency_ms: Option<(i64, i64, i64)>,
 }
 
 impl Report {
@@ -27,10 +31,20 @@ impl Report {
 
 type Key = (String, i64);
 
-/// Identities the manifest says were acknowledged (`expected`) and all it mentions (`allowed`).
-pub fn read_manifest(text: &str) -> anyhow::Result<(HashSet<Key>, HashSet<Key>)> {
-    let mut expected = HashSet::new();
-    let mut allowed = HashSet::new();
+/// What a manifest says.
+#[derive(Debug, Default)]
+pub struct Manifest {
+    /// Identities acknowledged by the pipeline.
+    pub expected: HashSet<Key>,
+    /// Every identity it mentions (acknowledged or maybe stored).
+    pub allowed: HashSet<Key>,
+    /// The first acknowledgement of each identity, unix ms (lines that carry one).
+    pub acked_at: HashMap<Key, i64>,
+}
+
+/// Reads a manifest written by a load run.
+pub fn read_manifest(text: &str) -> anyhow::Result<Manifest> {
+    let mut m = Manifest::default();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: Value =
             serde_json::from_str(line).map_err(|e| anyhow::anyhow!("manifest line {}: {e}", n + 1))?;
@@ -44,11 +58,35 @@ pub fn read_manifest(text: &str) -> anyhow::Result<(HashSet<Key>, HashSet<Key>)>
                 .ok_or_else(|| anyhow::anyhow!("manifest line {}: no ts", n + 1))?,
         );
         if v["status"] == "accepted" {
-            expected.insert(key.clone());
+            if let Some(at) = v["ackedAt"].as_i64() {
+                let first = m.acked_at.entry(key.clone()).or_insert(at);
+                *first = (*first).min(at);
+            }
+            m.expected.insert(key.clone());
         }
-        allowed.insert(key);
+        m.allowed.insert(key);
     }
-    Ok((expected, allowed))
+    Ok(m)
+}
+
+/// A stored row: identity and `receivedAt`.
+pub type Row = (Key, i64);
+
+/// p50, p99 and max of acknowledgement-to-storage times of the stored rows (first storage of
+/// each identity the manifest has an acknowledgement time for).
+pub fn latency(stored: &[Row], acked_at: &HashMap<Key, i64>) -> Option<(i64, i64, i64)> {
+    let mut seen = HashSet::new();
+    let mut ms: Vec<i64> = stored
+        .iter()
+        .filter(|(k, _)| seen.insert(k))
+        .filter_map(|(k, received)| acked_at.get(k).map(|a| received - a))
+        .collect();
+    if ms.is_empty() {
+        return None;
+    }
+    ms.sort_unstable();
+    let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+    Some((at(0.50), at(0.99), ms[ms.len() - 1]))
 }
 
 /// Compares stored events (in insertion order) with the manifest's sets.
@@ -77,44 +115,56 @@ pub fn compare(stored: &[Key], expected: &HashSet<Key>, allowed: &HashSet<Key>) 
     r
 }
 
-async fn fetch_all(client: &reqwest::Client, api: &str, prefix: Option<&str>) -> anyhow::Result<Vec<Key>> {
+/// Every stored row (of devices starting with `prefix`), in insertion order, read with the
+/// keyset form of `GET /events` (constant cost per page at any depth).
+async fn fetch_all(client: &reqwest::Client, api: &str, prefix: Option<&str>) -> anyhow::Result<Vec<Row>> {
     let mut out = Vec::new();
-    for page in 1.. {
-        let url = format!("{}/events?page={page}&size=1000", api.trim_end_matches('/'));
+    let mut after = 0i64;
+    loop {
+        let url = format!("{}/events?after={after}&size=1000", api.trim_end_matches('/'));
         let body: Value = client.get(&url).send().await?.error_for_status()?.json().await?;
         let data = body["data"]
             .as_array()
             .ok_or_else(|| anyhow::anyhow!("{url}: no data array"))?;
-        if data.is_empty() {
-            break;
-        }
         for e in data {
             let device = e["deviceId"].as_str().unwrap_or_default();
             if prefix.is_none_or(|p| device.starts_with(p)) {
-                out.push((device.to_owned(), e["ts"].as_i64().unwrap_or(i64::MIN)));
+                let key = (device.to_owned(), e["ts"].as_i64().unwrap_or(i64::MIN));
+                out.push((key, e["receivedAt"].as_i64().unwrap_or(i64::MIN)));
             }
         }
+        match body["next"].as_i64() {
+            Some(next) => after = next,
+            None => return Ok(out),
+        }
     }
-    Ok(out)
+}
+
+fn report(stored: &[Row], m: &Manifest) -> Report {
+    let keys: Vec<Key> = stored.iter().map(|(k, _)| k.clone()).collect();
+    Report {
+        latency_ms: latency(stored, &m.acked_at),
+        ..compare(&keys, &m.expected, &m.allowed)
+    }
 }
 
 /// Runs the comparison, polling up to `wait_secs` for the expected events to arrive.
 pub async fn verify(s: &VerifySettings) -> anyhow::Result<Report> {
     let text = std::fs::read_to_string(&s.manifest)?;
-    let (expected, allowed) = read_manifest(&text)?;
+    let m = read_manifest(&text)?;
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(s.wait_secs);
     loop {
         let stored = fetch_all(&client, &s.api, s.device_prefix.as_deref()).await?;
-        let report = compare(&stored, &expected, &allowed);
-        if report.missing == 0 || Instant::now() >= deadline {
-            if report.missing == 0 && s.wait_secs > 0 {
+        let r = report(&stored, &m);
+        if r.missing == 0 || Instant::now() >= deadline {
+            if r.missing == 0 && s.wait_secs > 0 {
                 // Give stragglers (duplicates that should not exist) a moment to show up.
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let stored = fetch_all(&client, &s.api, s.device_prefix.as_deref()).await?;
-                return Ok(compare(&stored, &expected, &allowed));
+                return Ok(report(&stored, &m));
             }
-            return Ok(report);
+            return Ok(r);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -130,10 +180,22 @@ mod tests {
 
     #[test]
     fn manifest_counts_acknowledged_events_once() {
-        let text = "{\"deviceId\":\"a\",\"ts\":1,\"status\":\"accepted\"}\n{\"deviceId\":\"a\",\"ts\":1,\"status\":\"accepted\"}\n{\"deviceId\":\"a\",\"ts\":2,\"status\":\"unacknowledged\"}\n";
-        let (expected, allowed) = read_manifest(text).unwrap();
-        assert_eq!(expected, HashSet::from([k("a", 1)]));
-        assert_eq!(allowed.len(), 2);
+        let text = "{\"deviceId\":\"a\",\"ts\":1,\"status\":\"accepted\",\"ackedAt\":500}\n{\"deviceId\":\"a\",\"ts\":1,\"status\":\"accepted\",\"ackedAt\":400}\n{\"deviceId\":\"a\",\"ts\":2,\"status\":\"unacknowledged\"}\n";
+        let m = read_manifest(text).expect("manifest parses");
+        assert_eq!(m.expected, HashSet::from([k("a", 1)]));
+        assert_eq!(m.allowed.len(), 2);
+        assert_eq!(m.acked_at, HashMap::from([(k("a", 1), 400)]), "the first acknowledgement");
+    }
+
+    #[test]
+    fn latency_is_measured_from_the_first_acknowledgement_to_the_first_storage() {
+        let acked: HashMap<Key, i64> = (0..100).map(|i| (k("a", i), 1_000)).collect();
+        // a@i stored at 1000 + 10·i (a@0 twice: the second storage does not count).
+        let mut stored: Vec<Row> = (0..100).map(|i| (k("a", i), 1_000 + 10 * i)).collect();
+        stored.push((k("a", 0), 9_999));
+        stored.push((k("z", 1), 5_000)); // no acknowledgement time: not measured
+        assert_eq!(latency(&stored, &acked), Some((490, 980, 990)));
+        assert_eq!(latency(&[], &acked), None);
     }
 
     #[test]
