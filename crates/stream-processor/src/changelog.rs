@@ -47,6 +47,18 @@ pub struct PartitionState {
     pub keys: HashMap<String, BTreeMap<i64, (u64, u64)>>,
     /// Batches not yet acknowledged, by sequence.
     pub outbox: BTreeMap<i64, OutboxBatch>,
+    /// The cleanup settings the events below `decided_offset` were decided with.
+    pub decided_with: Option<DecidedWith>,
+}
+
+/// The cleanup settings that decide an event's outcome (the idle timeout only decides when
+/// buffers are released, which the state records). Read again below the decided offset, events
+/// must be decided with the same settings, or an event buffered then could turn late now and
+/// vanish (its dead letter is not written twice), or a forgotten device could come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecidedWith {
+    pub allowed_lateness_ms: i64,
+    pub dedup_horizon_ms: i64,
 }
 
 impl PartitionState {
@@ -117,6 +129,9 @@ impl PartitionState {
                 self.resume_offset = Some(c.resume_offset);
                 self.decided_offset = c.decided_offset;
                 self.next_seq = c.next_seq;
+                if c.decided_with.is_some() {
+                    self.decided_with = c.decided_with;
+                }
                 if let Some(acked) = c.acked_through {
                     self.outbox = self.outbox.split_off(&(acked + 1));
                 }
@@ -161,6 +176,7 @@ impl PartitionState {
             decided_offset: self.decided_offset,
             next_seq: self.next_seq,
             acked_through: None,
+            decided_with: self.decided_with,
         }));
         records
     }
@@ -234,6 +250,9 @@ pub struct Commit {
     /// Batches up to this sequence were acknowledged by the sink: they leave the outbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acked_through: Option<i64>,
+    /// The cleanup settings of the decisions below `decided_offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_with: Option<DecidedWith>,
 }
 
 /// One changelog record.
@@ -270,6 +289,7 @@ struct Wire<'a> {
     decided_offset: Option<i64>,
     next_seq: Option<i64>,
     acked_through: Option<i64>,
+    decided_with: Option<DecidedWith>,
 }
 
 /// A record that could not be read.
@@ -321,6 +341,7 @@ impl Record {
                 decided_offset: w.decided_offset.ok_or_else(|| missing("decided_offset"))?,
                 next_seq: w.next_seq.ok_or_else(|| missing("next_seq"))?,
                 acked_through: w.acked_through,
+                decided_with: w.decided_with,
             }),
             other => return Err(err(serde_json::Error::unknown_variant(other, &["reset", "batch", "state", "commit"]))),
         })
@@ -345,6 +366,7 @@ mod tests {
             decided_offset: resume + 1,
             next_seq,
             acked_through: acked,
+            decided_with: None,
         })
     }
 

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use telemetry_core::{balanced_chunks, Batcher, Cleaner, CleanupConfig, Event, Outcome};
 
-use crate::changelog::{batch_id, Commit, OutboxBatch, PartitionState, Record, StateDelta};
+use crate::changelog::{batch_id, Commit, DecidedWith, OutboxBatch, PartitionState, Record, StateDelta};
 
 /// What a partition needs to know besides its state.
 #[derive(Debug, Clone)]
@@ -117,6 +117,9 @@ pub struct Partition {
     next_offset: i64,
     /// Below this offset every event was decided in a committed checkpoint.
     decided_offset: i64,
+    /// Restored with other cleanup settings than the committed decisions used: those stay in
+    /// force while events below `decided_offset` are read again, then these take over.
+    switch_at: Option<(i64, CleanupConfig)>,
     next_seq: i64,
     /// Committed batches not yet acknowledged, in sequence order.
     outbox: VecDeque<OutboxBatch>,
@@ -146,8 +149,20 @@ impl Partition {
         let keys = state.seen_keys();
         let marks = state.marks.into_iter().collect();
         let resume = state.resume_offset.unwrap_or(0);
+        let (cleanup, switch_at) = match state.decided_with {
+            Some(old) if old != decided_with(&cfg.cleanup) && state.decided_offset > resume => {
+                let replay = CleanupConfig {
+                    allowed_lateness_ms: old.allowed_lateness_ms,
+                    dedup_horizon_ms: old.dedup_horizon_ms,
+                    ..cfg.cleanup
+                };
+                (replay, Some((state.decided_offset, cfg.cleanup)))
+            }
+            _ => (cfg.cleanup, None),
+        };
         Partition {
-            cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now),
+            cleaner: Cleaner::restore(cleanup, marks, keys, now),
+            switch_at,
             batcher: Batcher::new(cfg.batch_size, cfg.batch_linger_ms),
             next_offset: resume,
             decided_offset: state.decided_offset,
@@ -212,6 +227,9 @@ impl Partition {
             // Stopped, or below the resume offset: the restored state already covers it.
             return Actions::default();
         }
+        if self.switch_at.is_some_and(|(at, _)| offset >= at) {
+            self.take_new_settings();
+        }
         self.next_offset = offset + 1;
         self.dirty = true;
         self.counts.consumed += 1;
@@ -254,6 +272,8 @@ impl Partition {
     pub fn on_tick(&mut self, now: u64, quiet_at: Option<u64>) -> Actions {
         if !self.stopped {
             if let Some(at) = quiet_at {
+                // Nothing unread: whatever was decided before has been read again.
+                self.take_new_settings();
                 self.cleaner.tick(at);
             }
             self.take_released(now);
@@ -297,11 +317,12 @@ impl Partition {
         if self.sending != Some(seq) {
             return (None, Actions::default());
         }
+        self.sending = None;
         let events = self.outbox.front().filter(|b| b.seq == seq).map_or(0, |b| b.events);
         if events <= 1 {
-            return (None, Actions::default());
+            // Not splittable (the sink reports this only for longer batches): send it again.
+            return (None, self.next_actions(now, false));
         }
-        self.sending = None;
         let limit = events.div_ceil(2);
         self.split_to = Some(self.split_to.map_or(limit, |l| l.min(limit)));
         if self.batcher.max_len() > limit {
@@ -315,6 +336,20 @@ impl Partition {
         if self.sending == Some(seq) {
             self.sending = None;
         }
+    }
+
+    /// The cleanup settings this owner was started with, once the events decided with the
+    /// committed ones have been read again.
+    fn take_new_settings(&mut self) {
+        if let Some((_, config)) = self.switch_at.take() {
+            self.cleaner.set_config(config);
+        }
+    }
+
+    /// Whether events read again are decided with the committed cleanup settings (they differ
+    /// from this owner's).
+    pub fn replays_with_committed_settings(&self) -> bool {
+        self.switch_at.is_some()
     }
 
     /// Stops feeding the partition (revocation or shutdown); with `keep_sending`, the outbox
@@ -450,10 +485,14 @@ impl Partition {
             records.extend(delta.into_chunks().into_iter().map(Record::State));
             records
         };
+        // Read again after a restore, the events below the committed decided offset are decided
+        // anew: the position never goes back, or their dead letters would be written twice.
+        let decided_offset = self.decided_offset.max(self.next_offset);
         records.push(Record::Commit(Commit {
             id: format!("{}-{number}", self.cfg.writer),
             resume_offset,
-            decided_offset: self.next_offset,
+            decided_offset,
+            decided_with: Some(decided_with(self.cleaner.config())),
             next_seq: self.next_seq,
             // A snapshot holds only unacknowledged batches already.
             acked_through: if snapshot { None } else { acked },
@@ -461,7 +500,7 @@ impl Partition {
         let encoded: Vec<Vec<u8>> = records.iter().map(Record::encode).collect();
         let bytes = encoded.iter().map(Vec::len).sum();
         // Dead letters of events read so far are written with this checkpoint.
-        self.decided_offset = self.next_offset;
+        self.decided_offset = decided_offset;
         self.dirty = false;
         self.last_checkpoint_ms = now;
         self.in_flight = Some(InFlight {
@@ -481,6 +520,14 @@ impl Partition {
             batch_sizes,
             split,
         }
+    }
+}
+
+/// The settings that decide outcomes, as a checkpoint records them.
+fn decided_with(c: &CleanupConfig) -> DecidedWith {
+    DecidedWith {
+        allowed_lateness_ms: c.allowed_lateness_ms,
+        dedup_horizon_ms: c.dedup_horizon_ms,
     }
 }
 
@@ -744,5 +791,79 @@ mod tests {
         let a = p.on_tick(9_000, Some(9_000));
         commit_through(&mut p, &mut state, a, 9_000);
         assert!(state.outbox.values().all(|b| b.events <= 2), "{:?}", state.outbox.values().map(|b| b.events).collect::<Vec<_>>());
+    }
+
+    fn commit_of(plan: &CheckpointPlan) -> Commit {
+        match plan.records.last() {
+            Some(Record::Commit(c)) => c.clone(),
+            other => panic!("a checkpoint ends with its commit, not {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_read_again_are_decided_with_the_committed_settings_then_the_new_ones_apply() {
+        let mut p = fresh();
+        let mut state = PartitionState::default();
+        // Lateness 100 ms: 1000 and 1050 wait (offsets 0, 1), both decided by the checkpoint.
+        for (o, ts) in [(0, 1000), (1, 1050)] {
+            let a = p.on_event(None, &ev(ts), o, 0);
+            commit_through(&mut p, &mut state, a, 0);
+        }
+        let a = p.flush(0);
+        commit_through(&mut p, &mut state, a, 0);
+        assert_eq!((state.resume_offset, state.decided_offset), (Some(0), 2));
+        assert_eq!(state.decided_with.map(|d| d.allowed_lateness_ms), Some(100));
+        // Restarted with lateness 10 ms: under it, 1000 is late behind 1050 and, being below the
+        // decided offset, would get no dead letter: it would vanish.
+        let mut strict = cfg();
+        strict.cleanup.allowed_lateness_ms = 10;
+        let mut q = Partition::restore(strict, state.clone(), 0, 0);
+        assert!(q.replays_with_committed_settings());
+        let mut again = state.clone();
+        let mut letters = Vec::new();
+        for (o, ts) in [(0, 1000), (1, 1050), (2, 1070), (3, 1055)] {
+            let a = q.on_event(None, &ev(ts), o, 1);
+            letters.extend(commit_through(&mut q, &mut again, a, 1).0);
+        }
+        assert!(!q.replays_with_committed_settings(), "past the decided offset the new settings rule");
+        let a = q.on_tick(10_000, Some(10_000));
+        letters.extend(commit_through(&mut q, &mut again, a, 10_000).0);
+        let a = q.flush(10_000);
+        let last = a.checkpoint.as_ref().map(commit_of);
+        letters.extend(commit_through(&mut q, &mut again, a, 10_000).0);
+        assert_eq!(outbox_ts(&again), vec![1000, 1050, 1070], "nothing read again vanished");
+        let late: Vec<i64> = letters.iter().map(|d| d.source_offset).collect();
+        assert_eq!(late, vec![3], "1055 is late by the new 10 ms, and it is new: dead-lettered once");
+        assert_eq!(again.decided_with.map(|d| d.allowed_lateness_ms), Some(10), "{last:?}");
+    }
+
+    #[test]
+    fn a_checkpoint_while_reading_again_never_moves_the_decided_offset_back() {
+        let mut p = fresh();
+        let mut state = PartitionState::default();
+        // 1000 waits at offset 0; 10 (offset 1) is late; 1020 waits (offset 2).
+        for (o, ts) in [(0, 1000), (1, 10), (2, 1020)] {
+            let a = p.on_event(None, &ev(ts), o, 0);
+            commit_through(&mut p, &mut state, a, 0);
+        }
+        let a = p.flush(0);
+        let (letters, _) = commit_through(&mut p, &mut state, a, 0);
+        assert_eq!(letters.len(), 1);
+        assert_eq!(state.decided_offset, 3);
+        let mut q = Partition::restore(cfg(), state.clone(), 0, 0);
+        let a = q.on_event(None, &ev(1000), 0, 0);
+        commit_through(&mut q, &mut state, a, 0);
+        let plan = q.flush(0).checkpoint.expect("forced");
+        assert_eq!(commit_of(&plan).decided_offset, 3, "not 1: offset 1's dead letter is written");
+        apply(&mut state, &plan);
+        q.on_committed(plan.number, 0);
+        // Another owner reads offset 1 again: no second dead letter.
+        let mut r = Partition::restore(cfg(), state.clone(), 0, 0);
+        let mut again = Vec::new();
+        for (o, ts) in [(0, 1000), (1, 10), (2, 1020)] {
+            let a = r.on_event(None, &ev(ts), o, 0);
+            again.extend(commit_through(&mut r, &mut state, a, 0).0);
+        }
+        assert!(again.is_empty(), "{again:?}");
     }
 }

@@ -4,8 +4,11 @@
 //! sink and this processor disagree (wrong URL, auth, version skew, a batch over the sink's
 //! limit, a reused key): the batch is never dropped or dead-lettered; the partition is marked
 //! blocked (metric, `/readyz` 503, one log line per change of answer) and the batch is retried
-//! at the longest backoff until the sink takes it. The exception is 413 for a batch of more than
-//! one event: the delivery ends with `TooLarge` and the partition splits the batch.
+//! at the longest backoff until the sink takes it. The exception is ingest-api's 413
+//! `batch_too_large` for a batch of more than one event: the delivery ends with `TooLarge` and
+//! the partition splits the batch. ingest-api answers a stored batch's key as a replay before it
+//! checks that limit, so this 413 proves the batch was never stored. Its other 413
+//! (`body_too_large`, checked before the key can be looked up) proves nothing and blocks.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -125,7 +128,7 @@ impl Sink {
                 let status = resp.status().as_u16();
                 let body = resp.text().await.unwrap_or_default();
                 let reason: String = body.chars().take(300).collect();
-                if status == 413 && batch.events > 1 {
+                if status == 413 && batch.events > 1 && body.contains("\"batch_too_large\"") {
                     crate::metrics::sink_request("too_large", seconds);
                     Attempt::Done(Delivery::TooLarge {
                         answer: format!("status {status}: {reason}"),
@@ -185,7 +188,7 @@ impl Sink {
                             hint = if reused {
                                 "the sink already stored another batch under this id: the changelog and the sink disagree (changelog lost, or two pipelines on one sink)"
                             } else {
-                                "check INGEST_URL, the sink's auth and version, and BATCH_SIZE against the sink's MAX_BATCH_LEN"
+                                "check INGEST_URL, the sink's auth and version, and BATCH_SIZE against the sink's MAX_BATCH_LEN and MAX_BODY_BYTES"
                             },
                             "sink refuses the batch; delivery of this partition is blocked (nothing is dropped, retrying)"
                         );

@@ -14,7 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use telemetry_core::DeviceMark;
 use tokio::sync::oneshot;
 
-use crate::changelog::{batch_id, OutboxBatch, PartitionState, Record};
+use crate::changelog::{batch_id, DecidedWith, OutboxBatch, PartitionState, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,11 +49,15 @@ pub struct StateStore {
     input_topic: String,
 }
 
+/// Layout version of the cache (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 2;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cached_partition (
     topic TEXT NOT NULL, partition INTEGER NOT NULL,
     resume_offset INTEGER NOT NULL, decided_offset INTEGER NOT NULL, next_seq INTEGER NOT NULL,
     changelog_offset INTEGER NOT NULL, commit_id TEXT NOT NULL, bytes_since_snapshot INTEGER NOT NULL,
+    decided_lateness_ms INTEGER, decided_horizon_ms INTEGER,
     PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cached_device (
@@ -84,6 +88,15 @@ impl StateStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // The file is a cache of the changelog: one of another layout is dropped and rebuilt.
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            conn.execute_batch(
+                "DROP TABLE IF EXISTS cached_partition; DROP TABLE IF EXISTS cached_device;
+                 DROP TABLE IF EXISTS cached_key; DROP TABLE IF EXISTS cached_outbox;",
+            )?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.set_prepared_statement_cache_capacity(32);
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
@@ -211,10 +224,13 @@ fn clear(c: &Connection, topic: &str, partition: i32) -> rusqlite::Result<()> {
 fn load(c: &mut Connection, topic: &str, input_topic: &str, partition: i32) -> rusqlite::Result<Option<(PartitionState, Position)>> {
     let row = c
         .query_row(
-            "SELECT resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot
+            "SELECT resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot,
+                    decided_lateness_ms, decided_horizon_ms
              FROM cached_partition WHERE topic = ?1 AND partition = ?2",
             params![topic, partition],
             |r| {
+                let lateness: Option<i64> = r.get(6)?;
+                let horizon: Option<i64> = r.get(7)?;
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,
@@ -224,17 +240,22 @@ fn load(c: &mut Connection, topic: &str, input_topic: &str, partition: i32) -> r
                         id: r.get(4)?,
                         bytes_since_snapshot: r.get::<_, i64>(5)? as usize,
                     },
+                    lateness.zip(horizon).map(|(l, h)| DecidedWith {
+                        allowed_lateness_ms: l,
+                        dedup_horizon_ms: h,
+                    }),
                 ))
             },
         )
         .optional()?;
-    let Some((resume, decided, next_seq, position)) = row else {
+    let Some((resume, decided, next_seq, position, decided_with)) = row else {
         return Ok(None);
     };
     let mut state = PartitionState {
         resume_offset: Some(resume),
         decided_offset: decided,
         next_seq,
+        decided_with,
         ..PartitionState::default()
     };
     let mut stmt = c.prepare_cached(
@@ -311,6 +332,12 @@ fn apply(
                         params![topic, p],
                     )?;
                 }
+                // As `PartitionState::apply`: a reset forgets the settings until a commit names them.
+                tx.execute(
+                    "UPDATE cached_partition SET decided_lateness_ms = NULL, decided_horizon_ms = NULL
+                     WHERE topic = ?1 AND partition = ?2",
+                    params![topic, p],
+                )?;
                 reset = true;
                 added = 0;
             }
@@ -355,12 +382,15 @@ fn apply(
                 let bytes_expr = if reset { "?8" } else { "bytes_since_snapshot + ?8" };
                 tx.execute(
                     &format!(
-                        "INSERT INTO cached_partition (topic, partition, resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                        "INSERT INTO cached_partition (topic, partition, resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot,
+                                                       decided_lateness_ms, decided_horizon_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                          ON CONFLICT (topic, partition) DO UPDATE SET resume_offset = excluded.resume_offset,
                            decided_offset = excluded.decided_offset, next_seq = excluded.next_seq,
                            changelog_offset = excluded.changelog_offset, commit_id = excluded.commit_id,
-                           bytes_since_snapshot = {bytes_expr}"
+                           bytes_since_snapshot = {bytes_expr},
+                           decided_lateness_ms = COALESCE(excluded.decided_lateness_ms, decided_lateness_ms),
+                           decided_horizon_ms = COALESCE(excluded.decided_horizon_ms, decided_horizon_ms)"
                     ),
                     params![
                         topic,
@@ -370,7 +400,9 @@ fn apply(
                         commit.next_seq,
                         commit_offset,
                         commit.id,
-                        added + size
+                        added + size,
+                        commit.decided_with.map(|d| d.allowed_lateness_ms),
+                        commit.decided_with.map(|d| d.dedup_horizon_ms)
                     ],
                 )?;
             }
@@ -392,6 +424,10 @@ mod tests {
             decided_offset: resume,
             next_seq,
             acked_through: acked,
+            decided_with: Some(DecidedWith {
+                allowed_lateness_ms: 5_000,
+                dedup_horizon_ms: resume,
+            }),
         })
     }
 

@@ -187,14 +187,31 @@ impl Cleaner {
                 c.out.seen += 1;
             }
         }
-        let width = c.bucket_width();
-        for (id, d) in c.devices.iter_mut() {
+        c.rebucket();
+        c
+    }
+
+    /// Files every device under the eviction bucket of its newest event.
+    fn rebucket(&mut self) {
+        let width = self.bucket_width();
+        self.buckets.clear();
+        for (id, d) in self.devices.iter_mut() {
+            d.bucket = i64::MIN;
             if d.mark.max_ts != i64::MIN {
                 d.bucket = d.mark.max_ts.div_euclid(width);
-                c.buckets.entry(d.bucket).or_default().push(id.clone());
+                self.buckets.entry(d.bucket).or_default().push(id.clone());
             }
         }
-        c
+    }
+
+    /// Changes the settings from the next event on (what is buffered stays, and is released by
+    /// the new watermarks as events arrive).
+    pub fn set_config(&mut self, config: CleanupConfig) {
+        let horizon_changed = config.dedup_horizon_ms != self.config.dedup_horizon_ms;
+        self.config = config;
+        if horizon_changed {
+            self.rebucket();
+        }
     }
 
     pub fn config(&self) -> &CleanupConfig {

@@ -96,7 +96,10 @@ async fn ten_random_kills_during_a_100k_event_stream_lose_and_duplicate_nothing(
             tokio::time::sleep(Duration::from_millis(150)).await;
         }
     });
-    h.start_processor(&[]);
+    // Devices must not count as idle (IDLE_TIMEOUT_MS) while the producer is merely slow on a
+    // loaded machine: an idle flush makes the events that follow late, by design.
+    let env = [("IDLE_TIMEOUT_MS", "8000".to_owned())];
+    h.start_processor(&env);
     let mut rng = 99u64;
     let mut kills = 0;
     while kills < 10 {
@@ -106,7 +109,7 @@ async fn ten_random_kills_during_a_100k_event_stream_lose_and_duplicate_nothing(
         tokio::time::sleep(Duration::from_millis(800 + (rng >> 33) % 1700)).await;
         h.kill_processor();
         kills += 1;
-        h.start_processor(&[]);
+        h.start_processor(&env);
     }
     producer.await.unwrap();
     let total: usize = expected.values().map(Vec::len).sum();
@@ -142,7 +145,7 @@ async fn sink_down_for_seconds_mid_stream_loses_and_duplicates_nothing() {
     let (records, expected) = steady_stream(5, 20_000, 5);
     let (first, second) = records.split_at(records.len() / 2);
     produce(&brokers(), &h.topic, first).await;
-    h.start_processor(&[]);
+    h.start_processor(&[("IDLE_TIMEOUT_MS", "8000".to_owned())]);
     let start = Instant::now();
     while h.sink.count().await < 2_000 {
         assert!(
@@ -170,14 +173,14 @@ async fn a_lost_state_file_is_rebuilt_from_the_changelog_and_nothing_repeats() {
     let (records, expected) = steady_stream(6, 20_000, 9);
     let (first, second) = records.split_at(records.len() / 2);
     produce(&brokers(), &h.topic, first).await;
-    h.start_processor(&[]);
+    h.start_processor(&[("IDLE_TIMEOUT_MS", "8000".to_owned())]);
     h.wait_sink(5_000, Duration::from_secs(60)).await;
     h.kill_processor();
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(h.state_path(&format!("state.db{suffix}")));
     }
     produce(&brokers(), &h.topic, second).await;
-    h.start_processor(&[]);
+    h.start_processor(&[("IDLE_TIMEOUT_MS", "8000".to_owned())]);
     let total: usize = expected.values().map(Vec::len).sum();
     let stored = h.settle(total, Duration::from_secs(120)).await;
     assert_exactly(&stored, &expected);
