@@ -61,15 +61,9 @@ impl Settings {
         std::time::Duration::from_millis(self.body_timeout_ms)
     }
 
-    /// Reads the environment only (no command-line arguments); a bad value exits with one line
-    /// naming the variable.
-    pub fn from_env() -> Self {
-        Settings::parse_from(std::iter::once("ingest-api"))
-    }
-
     /// Defaults with a given database path and port 0, for tests and benchmarks.
     pub fn for_tests(database_path: PathBuf) -> Self {
-        let mut s = Settings::parse_from(["ingest-api"]);
+        let mut s: Settings = service_common::settings::defaults();
         s.database_path = database_path;
         s.port = 0;
         s.bind_addr = "127.0.0.1".into();

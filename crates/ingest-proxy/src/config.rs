@@ -65,14 +65,9 @@ impl Settings {
         std::time::Duration::from_millis(self.body_timeout_ms)
     }
 
-    /// Reads the environment only; a bad value exits with one line naming the variable.
-    pub fn from_env() -> Self {
-        Settings::parse_from(std::iter::once("ingest-proxy"))
-    }
-
     /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests.
     pub fn for_tests(brokers: &str, topic: &str) -> Self {
-        let mut s = Settings::parse_from(["ingest-proxy"]);
+        let mut s: Settings = service_common::settings::defaults();
         s.kafka_brokers = brokers.to_owned();
         s.kafka_topic = topic.to_owned();
         s.port = 0;

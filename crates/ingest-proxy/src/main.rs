@@ -1,10 +1,12 @@
+use clap::Parser;
 use anyhow::Context;
 use ingest_proxy::{Application, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     service_common::init_tracing();
-    let settings = Settings::from_env();
+    // Flags and environment variables; `--help` lists every one with its default.
+    let settings = Settings::parse();
     let app = Application::build(settings)
         .await
         .context("starting ingest-proxy")?;

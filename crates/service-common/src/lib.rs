@@ -7,6 +7,7 @@ pub mod handlers;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod observe;
+pub mod settings;
 
 pub use body::{read_body, require_json, BodyKind};
 pub use error::ApiError;

@@ -79,20 +79,55 @@ pub struct RequestMetrics {
     pub duration: &'static str,
 }
 
-/// Middleware: counts requests by route, method and status and times them by route.
+/// Middleware: counts requests by route, method and status and times them by route. Labels are
+/// static strings (routes, methods and statuses are few, interned on first sight), so a request
+/// allocates nothing here.
 pub async fn track_requests(names: RequestMetrics, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+        .map_or("unmatched", |p| intern(p.as_str()));
+    let method = method_label(req.method());
     let start = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::histogram!(names.duration, "route" => route.clone()).record(start.elapsed().as_secs_f64());
+    let status = intern(response.status().as_str());
+    metrics::histogram!(names.duration, "route" => route).record(start.elapsed().as_secs_f64());
     metrics::counter!(names.requests, "route" => route, "method" => method, "status" => status).increment(1);
     response
+}
+
+/// The standard methods by name; any other (clients may send any token) as `other`.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        _ => "other",
+    }
+}
+
+/// The same `&'static str` for equal strings. Only for small, closed sets (routes the router
+/// matched, HTTP methods, status codes): each distinct string is kept for the process's life.
+fn intern(s: &str) -> &'static str {
+    static SEEN: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(found) = seen.read().unwrap_or_else(|p| p.into_inner()).get(s) {
+        return found;
+    }
+    let mut all = seen.write().unwrap_or_else(|p| p.into_inner());
+    match all.get(s) {
+        Some(found) => found,
+        None => {
+            let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
+            all.insert(leaked);
+            leaked
+        }
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
