@@ -38,7 +38,6 @@ pub struct Publisher {
     topic: String,
     permits: Arc<Semaphore>,
     max_in_flight: usize,
-    deadline: Duration,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -85,7 +84,6 @@ impl Publisher {
             topic: settings.kafka_topic.clone(),
             permits: Arc::new(Semaphore::new(settings.max_in_flight)),
             max_in_flight: settings.max_in_flight,
-            deadline: Duration::from_millis(settings.produce_timeout_ms),
         })
     }
 
@@ -132,8 +130,8 @@ impl Publisher {
                 }
             }
         }
-        // librdkafka fails each message at message.timeout.ms; the outer timeout is a backstop
-        // so a request never hangs.
+        // librdkafka fails each message at message.timeout.ms (PRODUCE_TIMEOUT_MS), and the
+        // request timeout bounds the whole request besides: no timer of its own here.
         let waits = pending.into_iter().map(|p| async move {
             match p {
                 None => Err(PublishError::Busy),
@@ -150,15 +148,7 @@ impl Publisher {
                 },
             }
         });
-        let results = match tokio::time::timeout(
-            self.deadline + Duration::from_secs(1),
-            futures::future::join_all(waits),
-        )
-        .await
-        {
-            Ok(results) => results,
-            Err(_) => vec![Err(PublishError::Timeout); events.len()],
-        };
+        let results = futures::future::join_all(waits).await;
         if results.iter().any(Result::is_err) {
             self.producer.replace_if_fatal(&producer);
         }

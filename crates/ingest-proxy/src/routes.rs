@@ -18,13 +18,34 @@ use telemetry_core::{Event, ParseError};
 use crate::publisher::{Ack, PublishError, Publisher};
 use crate::Settings;
 
-/// What every handler can reach.
+/// What every handler can reach, behind one `Arc` (the router clones it per request).
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+#[derive(Debug)]
+pub struct Shared {
     pub publisher: Arc<Publisher>,
     pub settings: Arc<Settings>,
     /// Set by the readiness checker: the broker answers and the topic exists.
     pub ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(publisher: Arc<Publisher>, settings: Arc<Settings>, ready: Arc<AtomicBool>) -> AppState {
+        AppState(Arc::new(Shared {
+            publisher,
+            settings,
+            ready,
+        }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 const REQUEST_METRICS: service_common::RequestMetrics = service_common::RequestMetrics {
@@ -86,10 +107,11 @@ fn unavailable(err: &PublishError, settings: &Settings) -> ApiError {
 
 async fn post_event(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    require_json(&headers, false)?;
+    // The request itself rather than a `HeaderMap` extractor, which would copy every header.
+    let (parts, body) = req.into_parts();
+    require_json(&parts.headers, false)?;
     let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
     let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events("invalid", 1))?;
     let result = state
@@ -100,7 +122,16 @@ async fn post_event(
     match result {
         Ok(ack) => {
             crate::metrics::events("accepted", 1);
-            Ok((StatusCode::ACCEPTED, Json(accepted_json(&ack))).into_response())
+            let body = format!(
+                r#"{{"status":"accepted","partition":{},"offset":{}}}"#,
+                ack.partition, ack.offset
+            );
+            Ok((
+                StatusCode::ACCEPTED,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response())
         }
         Err(e) => {
             crate::metrics::events("rejected", 1);

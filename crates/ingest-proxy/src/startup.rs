@@ -43,11 +43,7 @@ impl Application {
         );
         Ok(Application {
             listener,
-            state: AppState {
-                publisher,
-                settings,
-                ready,
-            },
+            state: AppState::new(publisher, settings, ready),
         })
     }
 
