@@ -11,7 +11,10 @@ use ingest_api::{Application, Settings};
 use telemetry_core::Event;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Fills the table with `rows` events in transactions of 10,000.
@@ -49,7 +52,10 @@ async fn measure(client: &reqwest::Client, url: &str, reads: usize, expect_rows:
     }
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    (ms(times[times.len() / 2]), ms(times[(times.len() * 99).div_ceil(100) - 1]))
+    (
+        ms(times[times.len() / 2]),
+        ms(times[(times.len() * 99).div_ceil(100) - 1]),
+    )
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -57,16 +63,22 @@ async fn main() {
     let rows = env_u64("BENCH_ROWS", 2_000_000);
     let size = env_u64("BENCH_PAGE_SIZE", 100);
     let reads = env_u64("BENCH_READS", 200) as usize;
-    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).expect("temp dir");
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).expect("temp dir");
     let db = dir.path().join("pages.db");
     let settings = Settings::for_tests(db.clone());
     let start = Instant::now();
     fill(&db, settings.sqlite_synchronous, rows);
-    println!("bench-pages: {rows} rows written in {:.1} s; {reads} reads of size={size} each", start.elapsed().as_secs_f64());
+    println!(
+        "bench-pages: {rows} rows written in {:.1} s; {reads} reads of size={size} each",
+        start.elapsed().as_secs_f64()
+    );
 
     let count_start = Instant::now();
     let conn = open_connection(&db, settings.sqlite_synchronous).expect("open database");
-    let counted: i64 = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).expect("count");
+    let counted: i64 = conn
+        .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+        .expect("count");
     let count_ms = count_start.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(counted as u64, rows);
 
@@ -78,7 +90,11 @@ async fn main() {
     let last_len = (rows - (pages - 1) * size) as usize;
     let cases = [
         ("page 1", format!("{base}?page=1&size={size}"), size as usize),
-        ("middle page", format!("{base}?page={}&size={size}", pages / 2), size as usize),
+        (
+            "middle page",
+            format!("{base}?page={}&size={size}", pages / 2),
+            size as usize,
+        ),
         ("last page", format!("{base}?page={pages}&size={size}"), last_len),
         (
             "last keyset page",

@@ -1,5 +1,5 @@
-use clap::Parser;
 use anyhow::Context;
+use clap::Parser;
 use ingest_api::{Application, Settings};
 
 #[tokio::main]

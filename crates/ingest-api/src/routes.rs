@@ -151,7 +151,12 @@ fn page_params(query: Option<&str>, settings: &Settings) -> Result<(From, u64), 
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let (field, min, max, rule) = match name {
             "page" => ("page", 1, u64::MAX / 2, "page must be an integer >= 1".to_owned()),
-            "after" => ("after", 0, i64::MAX as u64, "after must be an event id (an integer >= 0)".to_owned()),
+            "after" => (
+                "after",
+                0,
+                i64::MAX as u64,
+                "after must be an event id (an integer >= 0)".to_owned(),
+            ),
             "size" => (
                 "size",
                 1,
@@ -160,11 +165,15 @@ fn page_params(query: Option<&str>, settings: &Settings) -> Result<(From, u64), 
             ),
             _ => continue,
         };
-        let value = value.parse::<u64>().ok().filter(|v| (min..=max).contains(v)).ok_or_else(|| {
-            let mut e = ApiError::bad_request("invalid_query", rule);
-            e.field = Some(field);
-            e
-        })?;
+        let value = value
+            .parse::<u64>()
+            .ok()
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| {
+                let mut e = ApiError::bad_request("invalid_query", rule);
+                e.field = Some(field);
+                e
+            })?;
         match field {
             "page" => page = Some(value),
             "after" => after = Some(value),

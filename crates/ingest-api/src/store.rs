@@ -210,7 +210,8 @@ impl Store {
             if max_id == total {
                 select_after(tx, skip, size)
             } else {
-                let mut stmt = tx.prepare_cached(&format!("{SELECT_EVENTS} ORDER BY id LIMIT ?1 OFFSET ?2"))?;
+                let mut stmt =
+                    tx.prepare_cached(&format!("{SELECT_EVENTS} ORDER BY id LIMIT ?1 OFFSET ?2"))?;
                 let rows = stmt.query_map(params![size as i64, skip], stored_event)?;
                 rows.collect()
             }

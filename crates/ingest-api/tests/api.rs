@@ -390,7 +390,12 @@ async fn keyset_reads_follow_next_through_every_row_once() {
     let mut seen = Vec::new();
     let mut after = 0;
     loop {
-        let page: Value = app.get(&format!("/events?after={after}&size=10")).await.json().await.expect("json");
+        let page: Value = app
+            .get(&format!("/events?after={after}&size=10"))
+            .await
+            .json()
+            .await
+            .expect("json");
         assert_eq!(page["total"], 25);
         assert_eq!(page["after"], after);
         seen.extend(ids(&page));
@@ -407,10 +412,20 @@ async fn keyset_reads_follow_next_through_every_row_once() {
         }
     }
     assert_eq!(seen, (1..=25).collect::<Vec<_>>());
-    let numbered: Value = app.get("/events?page=2&size=10").await.json().await.expect("json");
+    let numbered: Value = app
+        .get("/events?page=2&size=10")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(ids(&numbered), (11..=20).collect::<Vec<_>>());
     assert_eq!(numbered["next"], 20, "numbered pages carry next too");
-    let last: Value = app.get("/events?page=3&size=10").await.json().await.expect("json");
+    let last: Value = app
+        .get("/events?page=3&size=10")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert!(last["next"].is_null());
     let past: Value = app.get("/events?after=25").await.json().await.expect("json");
     assert_eq!(ids(&past), Vec::<i64>::new());
@@ -570,7 +585,11 @@ async fn a_stored_batch_is_replayed_after_the_length_limit_is_lowered_not_refuse
     let (db, dir) = app.stop().await;
     let app = spawn_app_at(db, dir, |s| s.max_batch_len = 4).await;
     let replay = app.post_batch(Some("long-key"), batch("b", 0, 8)).await;
-    assert_eq!(replay.status(), StatusCode::CREATED, "a replay is answered at any length");
+    assert_eq!(
+        replay.status(),
+        StatusCode::CREATED,
+        "a replay is answered at any length"
+    );
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     let fresh = app.post_batch(Some("other-key"), batch("c", 0, 8)).await;
     assert_eq!(
@@ -589,9 +608,16 @@ async fn idempotency_keys_expire_after_the_retention_and_a_late_resend_is_stored
     })
     .await;
     let body = batch("exp", 0, 3);
-    assert_eq!(app.post_batch(Some("k-expiring"), body.clone()).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.post_batch(Some("k-expiring"), body.clone()).await.status(),
+        StatusCode::CREATED
+    );
     let replay = app.post_batch(Some("k-expiring"), body.clone()).await;
-    assert_eq!(replay.headers()["idempotent-replayed"], "true", "within the retention: a replay");
+    assert_eq!(
+        replay.headers()["idempotent-replayed"],
+        "true",
+        "within the retention: a replay"
+    );
     // Past the retention the pruner deletes the key; the same batch is then new again.
     let start = std::time::Instant::now();
     loop {
@@ -601,7 +627,14 @@ async fn idempotency_keys_expire_after_the_retention_and_a_late_resend_is_stored
             assert_eq!(again.status(), StatusCode::CREATED);
             break;
         }
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the key never expired");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "the key never expired"
+        );
     }
-    assert_eq!(app.total().await, 6, "stored twice: once before and once after the key expired");
+    assert_eq!(
+        app.total().await,
+        6,
+        "stored twice: once before and once after the key expired"
+    );
 }

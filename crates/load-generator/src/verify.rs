@@ -184,7 +184,11 @@ mod tests {
         let m = read_manifest(text).expect("manifest parses");
         assert_eq!(m.expected, HashSet::from([k("a", 1)]));
         assert_eq!(m.allowed.len(), 2);
-        assert_eq!(m.acked_at, HashMap::from([(k("a", 1), 400)]), "the first acknowledgement");
+        assert_eq!(
+            m.acked_at,
+            HashMap::from([(k("a", 1), 400)]),
+            "the first acknowledgement"
+        );
     }
 
     #[test]

@@ -24,7 +24,11 @@ mod tests {
 
     #[test]
     fn defaults_ignore_the_environment() {
-        assert_ne!(Demo::parse_from(["demo"]).search, "unset", "clap reads the environment");
+        assert_ne!(
+            Demo::parse_from(["demo"]).search,
+            "unset",
+            "clap reads the environment"
+        );
         assert_eq!(defaults::<Demo>().search, "unset", "defaults do not");
     }
 }

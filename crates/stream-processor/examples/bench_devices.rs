@@ -54,8 +54,13 @@ impl Driver {
                     _ => unreachable!("a checkpoint ends with its commit"),
                 };
                 let sizes = plan.encoded.iter().map(Vec::len).collect();
-                self.store
-                    .apply(0, plan.records.clone(), sizes, self.commit_offset, self.prev.clone());
+                self.store.apply(
+                    0,
+                    plan.records.clone(),
+                    sizes,
+                    self.commit_offset,
+                    self.prev.clone(),
+                );
                 self.prev = Some((self.commit_offset, id));
                 self.checkpoints += 1;
                 next = self.p.on_committed(plan.number, now);
@@ -78,7 +83,9 @@ fn store_mb(path: &std::path::Path) -> (f64, f64) {
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     let file = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
     let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap_or(0);
-    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0)).unwrap_or(0);
+    let free: i64 = conn
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap_or(0);
     let size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap_or(0);
     (file, ((pages - free) * size) as f64 / 1e6)
 }
@@ -124,7 +131,10 @@ async fn main() {
         prev: None,
         checkpoints: 0,
     };
-    println!("bench-devices: {n} devices, 3 events each, event time spread over 500 s, dedup horizon {} s", HORIZON_MS / 1000);
+    println!(
+        "bench-devices: {n} devices, 3 events each, event time spread over 500 s, dedup horizon {} s",
+        HORIZON_MS / 1000
+    );
     report("start", &d, &path);
     let start = Instant::now();
     let (mut offset, mut now) = (0i64, 0u64);

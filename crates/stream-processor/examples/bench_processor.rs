@@ -335,7 +335,9 @@ async fn main() {
         "ratio processor / min(raw consume, raw sink) = {:.2} (target >= 0.50)",
         proc_rate / floor
     );
-    let keys: usize = env("BENCH_RESTORE_KEYS", "1000000").parse().expect("BENCH_RESTORE_KEYS");
+    let keys: usize = env("BENCH_RESTORE_KEYS", "1000000")
+        .parse()
+        .expect("BENCH_RESTORE_KEYS");
     tokio::task::spawn_blocking(move || restore_bench(&brokers, &topic, &dir, keys))
         .await
         .expect("restore bench");
@@ -348,7 +350,10 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
     use stream_processor::changelog::{Commit, PartitionState, Record};
     use stream_processor::store::{Position, StateStore};
     let changelog = format!("{topic}-restore-changelog");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(service_common::kafka::ensure_topic(brokers, &changelog, 1, 1))
         .expect("changelog topic");
     let devices = 1000usize;
@@ -391,16 +396,27 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         let payload = r.encode();
         bytes += payload.len();
         loop {
-            match producer.send(BaseRecord::<(), [u8]>::to(&changelog).partition(0).payload(&payload)) {
+            match producer.send(
+                BaseRecord::<(), [u8]>::to(&changelog)
+                    .partition(0)
+                    .payload(&payload),
+            ) {
                 Ok(()) => break,
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
     }
-    producer.commit_transaction(Duration::from_secs(120)).expect("commit");
+    producer
+        .commit_transaction(Duration::from_secs(120))
+        .expect("commit");
     let timeout = Duration::from_secs(600);
-    let from_log = stream_processor::restore::restore(brokers, &changelog, topic, 0, None, timeout).expect("restore");
-    assert_eq!(from_log.state.key_count(), state.key_count(), "every key restored");
+    let from_log =
+        stream_processor::restore::restore(brokers, &changelog, topic, 0, None, timeout).expect("restore");
+    assert_eq!(
+        from_log.state.key_count(),
+        state.key_count(),
+        "every key restored"
+    );
     println!(
         "restore of a partition with {} dedup keys ({} records, {:.1} MB) from the changelog: {:.2} s",
         from_log.state.key_count(),
@@ -414,7 +430,8 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
     rt.block_on(cache.sync()).expect("cache written");
     let start = Instant::now();
     let cached = rt.block_on(cache.load(0)).expect("load");
-    let from_cache = stream_processor::restore::restore(brokers, &changelog, topic, 0, cached, timeout).expect("restore");
+    let from_cache =
+        stream_processor::restore::restore(brokers, &changelog, topic, 0, cached, timeout).expect("restore");
     assert_eq!(from_cache.state.key_count(), state.key_count());
     println!(
         "restore of the same partition from the local cache (source {}): {:.2} s",

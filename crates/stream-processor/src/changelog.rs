@@ -149,7 +149,10 @@ impl PartitionState {
         let mut out = vec![Record::Reset];
         let all = StateDelta {
             evicted: Vec::new(),
-            marks: marks.into_iter().map(|(d, m)| (d, m.max_ts, m.released_max)).collect(),
+            marks: marks
+                .into_iter()
+                .map(|(d, m)| (d, m.max_ts, m.released_max))
+                .collect(),
             keys: keys
                 .into_iter()
                 .map(|k| (k.device_id, k.ts, k.latitude_bits, k.longitude_bits))
@@ -343,7 +346,12 @@ impl Record {
                 acked_through: w.acked_through,
                 decided_with: w.decided_with,
             }),
-            other => return Err(err(serde_json::Error::unknown_variant(other, &["reset", "batch", "state", "commit"]))),
+            other => {
+                return Err(err(serde_json::Error::unknown_variant(
+                    other,
+                    &["reset", "batch", "state", "commit"],
+                )))
+            }
         })
     }
 }
@@ -394,7 +402,10 @@ mod tests {
         for r in records {
             assert_eq!(Record::decode(&r.encode(), 0).expect("decodes"), r);
         }
-        assert!(Record::decode(b"{\"t\":\"nope\"}", 9).is_err(), "unknown record type");
+        assert!(
+            Record::decode(b"{\"t\":\"nope\"}", 9).is_err(),
+            "unknown record type"
+        );
     }
 
     #[test]
@@ -408,12 +419,20 @@ mod tests {
                 pruned: pruned.iter().map(|(d, b)| (d.to_string(), *b)).collect(),
             })
         };
-        for r in [batch(0), batch(1), delta(vec![("a", 1), ("a", 2), ("b", 1)], vec![]), commit("w-1", 10, 2, None)] {
+        for r in [
+            batch(0),
+            batch(1),
+            delta(vec![("a", 1), ("a", 2), ("b", 1)], vec![]),
+            commit("w-1", 10, 2, None),
+        ] {
             s.apply("t", 0, &r);
         }
         assert_eq!(s.outbox.len(), 2);
         assert_eq!(s.key_count(), 3);
-        for r in [delta(vec![("a", 3)], vec![("a", 2)]), commit("w-2", 12, 2, Some(0))] {
+        for r in [
+            delta(vec![("a", 3)], vec![("a", 2)]),
+            commit("w-2", 12, 2, Some(0)),
+        ] {
             s.apply("t", 0, &r);
         }
         assert_eq!(s.outbox.keys().copied().collect::<Vec<_>>(), vec![1]);
@@ -442,7 +461,10 @@ mod tests {
         let records = PartitionState::snapshot_records(vec![], keys, vec![]);
         assert!(records.len() >= 4, "reset and several chunks: {}", records.len());
         for r in &records {
-            assert!(r.encode().len() < 1_000_000, "each record fits a broker's default message limit");
+            assert!(
+                r.encode().len() < 1_000_000,
+                "each record fits a broker's default message limit"
+            );
         }
         let mut s = PartitionState::default();
         for r in &records {

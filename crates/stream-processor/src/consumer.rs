@@ -14,7 +14,6 @@ use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset};
 use tokio::sync::mpsc;
 
-
 /// One message, owned.
 #[derive(Debug)]
 pub struct Msg {
@@ -58,7 +57,11 @@ impl ConsumerContext for Ctx {
         }
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let parts: Vec<i32> = tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+                let parts: Vec<i32> = tpl
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
                 if parts.is_empty() {
                     return;
                 }
@@ -76,7 +79,11 @@ impl ConsumerContext for Ctx {
                 }
             }
             Rebalance::Revoke(tpl) => {
-                let parts: Vec<i32> = tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect();
+                let parts: Vec<i32> = tpl
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
                 if parts.is_empty() {
                     return;
                 }
@@ -141,39 +148,50 @@ pub fn spawn(
     inputs: mpsc::Sender<Input>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("consumer".into()).spawn(move || {
-        if let Err(e) = consumer.subscribe(&[&topic]) {
-            let _ = inputs.blocking_send(Input::Fatal(format!("subscribing to {topic}: {e}")));
-            return;
-        }
-        let mut chunk = Vec::with_capacity(CHUNK);
-        while !stop.load(Ordering::SeqCst) {
-            let wait = if chunk.is_empty() { Duration::from_millis(100) } else { Duration::ZERO };
-            match consumer.poll(wait) {
-                Some(Ok(m)) => {
-                    chunk.push(Msg {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        payload: m.payload().unwrap_or_default().to_vec(),
-                    });
-                    if chunk.len() < CHUNK {
-                        continue;
-                    }
-                }
-                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                    let _ = inputs.blocking_send(Input::Fatal(format!("the consumer failed fatally: {code}")));
-                    return;
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                None => {}
-            }
-            if !chunk.is_empty() && inputs.blocking_send(Input::Messages(std::mem::take(&mut chunk))).is_err() {
+    std::thread::Builder::new()
+        .name("consumer".into())
+        .spawn(move || {
+            if let Err(e) = consumer.subscribe(&[&topic]) {
+                let _ = inputs.blocking_send(Input::Fatal(format!("subscribing to {topic}: {e}")));
                 return;
             }
-        }
-        drop(chunk);
-        // Closing serves the final revocation through the same handshake.
-        drop(consumer);
-    })
+            let mut chunk = Vec::with_capacity(CHUNK);
+            while !stop.load(Ordering::SeqCst) {
+                let wait = if chunk.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::ZERO
+                };
+                match consumer.poll(wait) {
+                    Some(Ok(m)) => {
+                        chunk.push(Msg {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(<[u8]>::to_vec),
+                            payload: m.payload().unwrap_or_default().to_vec(),
+                        });
+                        if chunk.len() < CHUNK {
+                            continue;
+                        }
+                    }
+                    Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                        let _ = inputs
+                            .blocking_send(Input::Fatal(format!("the consumer failed fatally: {code}")));
+                        return;
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                    None => {}
+                }
+                if !chunk.is_empty()
+                    && inputs
+                        .blocking_send(Input::Messages(std::mem::take(&mut chunk)))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            drop(chunk);
+            // Closing serves the final revocation through the same handshake.
+            drop(consumer);
+        })
 }

@@ -41,7 +41,11 @@ static HITS: AtomicU64 = AtomicU64::new(0);
 /// Arms the failpoint (once per process).
 pub fn arm(step: Option<Step>, hit: u64) {
     if let Some(s) = step {
-        tracing::warn!(step = s.name(), hit, "failpoint armed: the process will abort there");
+        tracing::warn!(
+            step = s.name(),
+            hit,
+            "failpoint armed: the process will abort there"
+        );
     }
     let _ = ARMED.set(step.map(|s| (s, hit.max(1))));
 }

@@ -41,12 +41,20 @@ pub(crate) fn partitions_owned(n: usize) {
 
 /// 1 while the partition is stopped because the topic's log ends before its committed position.
 pub(crate) fn partition_stopped(partition: i32, stopped: bool) {
-    gauge!("stream_processor_partition_stopped", "partition" => partition.to_string()).set(if stopped { 1.0 } else { 0.0 });
+    gauge!("stream_processor_partition_stopped", "partition" => partition.to_string()).set(if stopped {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// 1 while the sink refuses the partition's next batch.
 pub(crate) fn sink_blocked(partition: i32, blocked: bool) {
-    gauge!("stream_processor_sink_blocked", "partition" => partition.to_string()).set(if blocked { 1.0 } else { 0.0 });
+    gauge!("stream_processor_sink_blocked", "partition" => partition.to_string()).set(if blocked {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// The sink refused one of the partition's batches as too large, and its outbox was split.
@@ -115,7 +123,12 @@ pub(crate) fn init() {
     }
     counter!("stream_processor_sink_retries_total").increment(0);
     counter!("stream_processor_snapshots_total").increment(0);
-    for source in ["cache", "cache+changelog", "changelog", "cache-ahead-of-changelog"] {
+    for source in [
+        "cache",
+        "cache+changelog",
+        "changelog",
+        "cache-ahead-of-changelog",
+    ] {
         counter!("stream_processor_restores_total", "source" => source).increment(0);
     }
     gauge!("stream_processor_partitions_owned").set(0.0);

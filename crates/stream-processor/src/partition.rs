@@ -145,7 +145,12 @@ pub struct Partition {
 impl Partition {
     /// The partition as its last committed checkpoint left it. `bytes_since_snapshot` is how
     /// much changelog the restore read after the latest snapshot began.
-    pub fn restore(cfg: PartitionConfig, state: PartitionState, bytes_since_snapshot: usize, now: u64) -> Partition {
+    pub fn restore(
+        cfg: PartitionConfig,
+        state: PartitionState,
+        bytes_since_snapshot: usize,
+        now: u64,
+    ) -> Partition {
         let keys = state.seen_keys();
         let marks = state.marks.into_iter().collect();
         let resume = state.resume_offset.unwrap_or(0);
@@ -318,7 +323,11 @@ impl Partition {
             return (None, Actions::default());
         }
         self.sending = None;
-        let events = self.outbox.front().filter(|b| b.seq == seq).map_or(0, |b| b.events);
+        let events = self
+            .outbox
+            .front()
+            .filter(|b| b.seq == seq)
+            .map_or(0, |b| b.events);
         if events <= 1 {
             // Not splittable (the sink reports this only for longer batches): send it again.
             return (None, self.next_actions(now, false));
@@ -397,7 +406,8 @@ impl Partition {
     fn next_actions(&mut self, now: u64, force: bool) -> Actions {
         let mut actions = Actions::default();
         if self.in_flight.is_none() {
-            let interval_passed = now.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_interval_ms;
+            let interval_passed =
+                now.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_interval_ms;
             let due = self.batcher.is_due(now)
                 || (interval_passed && self.has_unrecorded())
                 || (force && self.has_unrecorded());
@@ -427,8 +437,8 @@ impl Partition {
                 self.acked_through = Some(last.seq);
             }
             for b in &old {
-                let events: Vec<Event> =
-                    serde_json::from_slice(&b.body).expect("an outbox batch is the JSON array this partition wrote");
+                let events: Vec<Event> = serde_json::from_slice(&b.body)
+                    .expect("an outbox batch is the JSON array this partition wrote");
                 recut.extend(balanced_chunks(events, limit));
             }
             split = Some((old.len(), recut.len()));
@@ -454,7 +464,9 @@ impl Partition {
         self.checkpoints += 1;
         let number = self.checkpoints;
         let snapshot = self.bytes_since_snapshot >= self.snapshot_bytes.max(self.cfg.snapshot_min_bytes);
-        let acked = (self.acked_through != self.acked_recorded).then_some(self.acked_through).flatten();
+        let acked = (self.acked_through != self.acked_recorded)
+            .then_some(self.acked_through)
+            .flatten();
         let mut records = if snapshot {
             let (marks, keys) = self.cleaner.snapshot();
             let outbox = self.outbox.iter().chain(batches.iter()).cloned();
@@ -598,12 +610,20 @@ mod tests {
         p.on_event(None, &ev(100), 1, 0);
         p.on_event(None, b"not json", 2, 0);
         let plan = p.flush(0).checkpoint.expect("forced");
-        let reasons: Vec<_> = plan.dead_letters.iter().map(|d| (d.reason, d.source_offset)).collect();
+        let reasons: Vec<_> = plan
+            .dead_letters
+            .iter()
+            .map(|d| (d.reason, d.source_offset))
+            .collect();
         assert_eq!(reasons, vec![(Reason::Late, 1), (Reason::Invalid, 2)]);
         let Some(Record::Commit(c)) = plan.records.last() else {
             panic!("a checkpoint ends with its commit")
         };
-        assert_eq!((c.resume_offset, c.decided_offset), (0, 3), "5000 still waits at offset 0");
+        assert_eq!(
+            (c.resume_offset, c.decided_offset),
+            (0, 3),
+            "5000 still waits at offset 0"
+        );
     }
 
     /// Commits every checkpoint `actions` leads to at once (as a quick broker would), applying
@@ -649,7 +669,10 @@ mod tests {
         // A new owner restores and reads again from the resume offset.
         let mut q = Partition::restore(cfg(), state.clone(), 0, 0);
         let resume = state.resume_offset.expect("committed");
-        assert!(resume <= 1, "1500 and 1550 wait, so offsets from {resume} are read again");
+        assert!(
+            resume <= 1,
+            "1500 and 1550 wait, so offsets from {resume} are read again"
+        );
         let mut all = state.clone();
         let mut again = Vec::new();
         for (o, payload) in stream.iter().filter(|(o, _)| *o >= resume) {
@@ -668,7 +691,10 @@ mod tests {
             .map(|e| e["ts"].as_i64().expect("ts"))
             .collect();
         assert_eq!(ts, vec![1000, 1460, 1500, 1550], "each event once, in order");
-        assert_eq!(all.outbox.keys().copied().collect::<Vec<_>>(), (0..all.next_seq).collect::<Vec<_>>());
+        assert_eq!(
+            all.outbox.keys().copied().collect::<Vec<_>>(),
+            (0..all.next_seq).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -687,12 +713,19 @@ mod tests {
         let a = p.on_acknowledged(sent[0].seq, 1);
         assert!(!p.is_recorded(), "the acknowledgement is not recorded yet");
         let (_, more) = commit_through(&mut p, &mut state, a, 1);
-        assert_eq!(more.len(), 1, "the next batch goes once the first is acknowledged");
+        assert_eq!(
+            more.len(),
+            1,
+            "the next batch goes once the first is acknowledged"
+        );
         let a = p.on_acknowledged(more[0].seq, 1);
         commit_through(&mut p, &mut state, a, 1);
         let a = p.flush(2);
         commit_through(&mut p, &mut state, a, 2);
-        assert!(state.outbox.is_empty(), "the recorded acknowledgement emptied the outbox");
+        assert!(
+            state.outbox.is_empty(),
+            "the recorded acknowledgement emptied the outbox"
+        );
         assert!(p.is_settled());
     }
 
@@ -733,9 +766,15 @@ mod tests {
         assert_eq!(p.next_offset(), 5);
         let a = p.on_committed(plan.number, 0);
         assert!(a.send.is_none(), "a revoked partition starts no send");
-        let last = a.checkpoint.or(p.flush(0).checkpoint).expect("the rest is checkpointed");
+        let last = a
+            .checkpoint
+            .or(p.flush(0).checkpoint)
+            .expect("the rest is checkpointed");
         assert!(p.on_committed(last.number, 0).send.is_none());
-        assert!(p.is_settled(), "revoked: settled once recorded, outbox left for the next owner");
+        assert!(
+            p.is_settled(),
+            "revoked: settled once recorded, outbox left for the next owner"
+        );
         assert_eq!(p.outbox_len(), 2);
     }
 
@@ -768,12 +807,22 @@ mod tests {
         assert!(a.send.is_none(), "nothing is sent before the split commits");
         let plan = a.checkpoint.expect("the split is a checkpoint");
         assert_eq!(plan.split, Some((3, 4)), "3 + 2 + 2 events re-cut to 2+1, 2, 2");
-        assert!(plan.batch_sizes.is_empty(), "no new events: re-cut batches are not counted again");
+        assert!(
+            plan.batch_sizes.is_empty(),
+            "no new events: re-cut batches are not counted again"
+        );
         apply(&mut state, &plan);
-        assert_eq!(state.outbox.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5, 6], "fresh ids only");
+        assert_eq!(
+            state.outbox.keys().copied().collect::<Vec<_>>(),
+            vec![3, 4, 5, 6],
+            "fresh ids only"
+        );
         assert!(state.outbox.values().all(|b| b.events <= 2));
         assert_eq!(outbox_ts(&state), before, "same events, same order");
-        assert!(p.on_tick(2_002, None).send.is_none(), "still waiting for the split's commit");
+        assert!(
+            p.on_tick(2_002, None).send.is_none(),
+            "still waiting for the split's commit"
+        );
 
         let a = p.on_committed(plan.number, 2_003);
         let first = a.send.expect("the first part goes out once the split committed");
@@ -790,7 +839,11 @@ mod tests {
         commit_through(&mut p, &mut state, a, 2_004);
         let a = p.on_tick(9_000, Some(9_000));
         commit_through(&mut p, &mut state, a, 9_000);
-        assert!(state.outbox.values().all(|b| b.events <= 2), "{:?}", state.outbox.values().map(|b| b.events).collect::<Vec<_>>());
+        assert!(
+            state.outbox.values().all(|b| b.events <= 2),
+            "{:?}",
+            state.outbox.values().map(|b| b.events).collect::<Vec<_>>()
+        );
     }
 
     fn commit_of(plan: &CheckpointPlan) -> Commit {
@@ -825,16 +878,31 @@ mod tests {
             let a = q.on_event(None, &ev(ts), o, 1);
             letters.extend(commit_through(&mut q, &mut again, a, 1).0);
         }
-        assert!(!q.replays_with_committed_settings(), "past the decided offset the new settings rule");
+        assert!(
+            !q.replays_with_committed_settings(),
+            "past the decided offset the new settings rule"
+        );
         let a = q.on_tick(10_000, Some(10_000));
         letters.extend(commit_through(&mut q, &mut again, a, 10_000).0);
         let a = q.flush(10_000);
         let last = a.checkpoint.as_ref().map(commit_of);
         letters.extend(commit_through(&mut q, &mut again, a, 10_000).0);
-        assert_eq!(outbox_ts(&again), vec![1000, 1050, 1070], "nothing read again vanished");
+        assert_eq!(
+            outbox_ts(&again),
+            vec![1000, 1050, 1070],
+            "nothing read again vanished"
+        );
         let late: Vec<i64> = letters.iter().map(|d| d.source_offset).collect();
-        assert_eq!(late, vec![3], "1055 is late by the new 10 ms, and it is new: dead-lettered once");
-        assert_eq!(again.decided_with.map(|d| d.allowed_lateness_ms), Some(10), "{last:?}");
+        assert_eq!(
+            late,
+            vec![3],
+            "1055 is late by the new 10 ms, and it is new: dead-lettered once"
+        );
+        assert_eq!(
+            again.decided_with.map(|d| d.allowed_lateness_ms),
+            Some(10),
+            "{last:?}"
+        );
     }
 
     #[test]
@@ -854,7 +922,11 @@ mod tests {
         let a = q.on_event(None, &ev(1000), 0, 0);
         commit_through(&mut q, &mut state, a, 0);
         let plan = q.flush(0).checkpoint.expect("forced");
-        assert_eq!(commit_of(&plan).decided_offset, 3, "not 1: offset 1's dead letter is written");
+        assert_eq!(
+            commit_of(&plan).decided_offset,
+            3,
+            "not 1: offset 1's dead letter is written"
+        );
         apply(&mut state, &plan);
         q.on_committed(plan.number, 0);
         // Another owner reads offset 1 again: no second dead letter.

@@ -290,11 +290,19 @@ impl Pipeline {
         if !self.owns(p, generation) {
             // A writer of a partition released since (lost while committing): whatever it says
             // concerns an owner that no longer exists here.
-            tracing::debug!(partition = p, generation, "result of a released partition's writer ignored");
+            tracing::debug!(
+                partition = p,
+                generation,
+                "result of a released partition's writer ignored"
+            );
             return Ok(());
         }
         match outcome {
-            TxnOutcome::Committed { number, seconds, snapshot } => {
+            TxnOutcome::Committed {
+                number,
+                seconds,
+                snapshot,
+            } => {
                 metrics::checkpoint(seconds, snapshot);
                 failpoint::hit(Step::AfterCheckpointBeforePost);
                 let now = self.now_ms();
@@ -308,7 +316,9 @@ impl Pipeline {
                 "partition {p} was taken over by another processor (its producer is fenced: {e}); \
                  stopping so that nothing more is written for it"
             )),
-            TxnOutcome::Failed(e) => Err(anyhow!("partition {p}: the broker keeps refusing its checkpoint: {e}")),
+            TxnOutcome::Failed(e) => Err(anyhow!(
+                "partition {p}: the broker keeps refusing its checkpoint: {e}"
+            )),
         }
     }
 
@@ -324,7 +334,13 @@ impl Pipeline {
                     self.first_delivered = true;
                     let secs = self.clock.elapsed().as_secs_f64();
                     metrics::restart_to_first_batch(secs);
-                    tracing::info!(seconds = secs, partition = p, seq, replayed, "first batch delivered since start");
+                    tracing::info!(
+                        seconds = secs,
+                        partition = p,
+                        seq,
+                        replayed,
+                        "first batch delivered since start"
+                    );
                 }
                 if let Some(o) = self.owned.get_mut(&p) {
                     let actions = o.core.on_acknowledged(seq, now);
@@ -360,14 +376,21 @@ impl Pipeline {
     fn on_tick(&mut self) -> anyhow::Result<()> {
         let now = self.now_ms();
         self.last_tick_ms = now;
-        let high_watermarks = self.high_watermarks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let high_watermarks = self
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let parts: Vec<i32> = self.owned.keys().copied().collect();
         for p in parts {
             let quiet_at = self.quiet_at(p);
             let Some(o) = self.owned.get_mut(&p) else { continue };
             let actions = o.core.on_tick(now, quiet_at);
             metrics::outcomes(o.core.take_counts());
-            let delay = o.core.max_watermark().map(|wm| (wall_clock_ms() - wm) as f64 / 1000.0);
+            let delay = o
+                .core
+                .max_watermark()
+                .map(|wm| (wall_clock_ms() - wm) as f64 / 1000.0);
             metrics::partition_gauges(p, o.core.buffered_len(), o.core.dedup_len(), delay);
             let (devices, evicted) = o.core.devices();
             metrics::devices(p, devices, evicted);
@@ -398,8 +421,12 @@ impl Pipeline {
     /// Pauses a partition whose outbox is full; resumes it once half has drained.
     fn apply_backpressure(&mut self, partition: i32) {
         let max = self.settings.max_outbox_per_partition;
-        let Some(consumer) = self.consumer.as_deref() else { return };
-        let Some(o) = self.owned.get_mut(&partition) else { return };
+        let Some(consumer) = self.consumer.as_deref() else {
+            return;
+        };
+        let Some(o) = self.owned.get_mut(&partition) else {
+            return;
+        };
         let pending = o.core.outbox_len();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.settings.kafka_topic, partition);
@@ -417,7 +444,11 @@ impl Pipeline {
     /// Takes over `parts`: fences earlier owners, restores each one's state (side by side),
     /// and answers where to start reading each.
     async fn assign(&mut self, parts: Vec<i32>) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
-        let new: Vec<i32> = parts.iter().copied().filter(|p| !self.owned.contains_key(p)).collect();
+        let new: Vec<i32> = parts
+            .iter()
+            .copied()
+            .filter(|p| !self.owned.contains_key(p))
+            .collect();
         let now = self.now_ms();
         let restores = new.iter().map(|&p| {
             self.assignments += 1;
@@ -460,7 +491,12 @@ impl Pipeline {
         metrics::partitions_owned(self.owned.len());
         Ok(parts
             .iter()
-            .map(|p| (*p, self.owned.get(p).map(|o| o.core.next_offset()).filter(|o| *o > 0)))
+            .map(|p| {
+                (
+                    *p,
+                    self.owned.get(p).map(|o| o.core.next_offset()).filter(|o| *o > 0),
+                )
+            })
             .collect())
     }
 
@@ -567,7 +603,10 @@ impl Pipeline {
             .await?;
         let left: usize = self.owned.values().map(|o| o.core.outbox_len()).sum();
         if left > 0 {
-            tracing::warn!(batches = left, "shutdown timeout: undelivered batches stay in the changelog for the next owner");
+            tracing::warn!(
+                batches = left,
+                "shutdown timeout: undelivered batches stay in the changelog for the next owner"
+            );
         } else {
             tracing::info!("outbox delivered");
         }
@@ -651,10 +690,11 @@ impl Restorer {
             Arc::clone(&self.consumer),
             self.txn_done.clone(),
         );
-        let writer =
-            tokio::task::spawn_blocking(move || TxnWriter::start(&config, p, generation, topics, cache, admin, consumer, done))
-            .await?
-            .with_context(|| format!("partition {p}: initializing its transactional producer"))?;
+        let writer = tokio::task::spawn_blocking(move || {
+            TxnWriter::start(&config, p, generation, topics, cache, admin, consumer, done)
+        })
+        .await?
+        .with_context(|| format!("partition {p}: initializing its transactional producer"))?;
         failpoint::hit(Step::DuringRestore);
         let cached = match self.cache.load(p).await {
             Ok(c) => c,
@@ -663,16 +703,24 @@ impl Restorer {
                 None
             }
         };
-        let (brokers, changelog, topic) = (s.kafka_brokers.clone(), self.topics.changelog.clone(), s.kafka_topic.clone());
+        let (brokers, changelog, topic) = (
+            s.kafka_brokers.clone(),
+            self.topics.changelog.clone(),
+            s.kafka_topic.clone(),
+        );
         let timeout = Duration::from_millis(s.restore_timeout_ms);
-        let restored = tokio::task::spawn_blocking(move || restore::restore(&brokers, &changelog, &topic, p, cached, timeout))
-            .await?
-            .with_context(|| format!("partition {p}: restoring its state"))?;
+        let restored = tokio::task::spawn_blocking(move || {
+            restore::restore(&brokers, &changelog, &topic, p, cached, timeout)
+        })
+        .await?
+        .with_context(|| format!("partition {p}: restoring its state"))?;
         // The cache must hold exactly the restored state before the writer applies deltas to
         // it: rewrite it whenever the changelog added anything, forget it if there is nothing.
         match (&restored.position, restored.source) {
             (None, _) => self.cache.clear(p),
-            (Some(pos), Source::Changelog | Source::CacheAndChangelog) => self.cache.replace(p, &restored.state, pos),
+            (Some(pos), Source::Changelog | Source::CacheAndChangelog) => {
+                self.cache.replace(p, &restored.state, pos)
+            }
             (Some(_), Source::Cache | Source::CacheAheadOfChangelog) => {}
         }
         writer.set_base(restored.position.as_ref().map(|pos| (pos.offset, pos.id.clone())));
@@ -696,9 +744,10 @@ impl Restorer {
         let regressed = match restored.state.resume_offset {
             Some(resume) if resume > 0 => {
                 let (c, t) = (Arc::clone(&self.consumer), s.kafka_topic.clone());
-                let (_, high) = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)))
-                    .await?
-                    .with_context(|| format!("partition {p}: reading the topic's log end"))?;
+                let (_, high) =
+                    tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)))
+                        .await?
+                        .with_context(|| format!("partition {p}: reading the topic's log end"))?;
                 (high < resume).then_some((resume, high))
             }
             _ => None,
@@ -706,7 +755,12 @@ impl Restorer {
         let since_snapshot = restored.position.as_ref().map_or(0, |p| p.bytes_since_snapshot);
         let committed_with = restored.state.decided_with;
         let decided = restored.state.decided_offset;
-        let core = Partition::restore(self.partition_config(p, writer_id), restored.state, since_snapshot, now);
+        let core = Partition::restore(
+            self.partition_config(p, writer_id),
+            restored.state,
+            since_snapshot,
+            now,
+        );
         if core.replays_with_committed_settings() {
             tracing::warn!(
                 partition = p,

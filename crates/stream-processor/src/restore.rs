@@ -107,13 +107,21 @@ pub fn restore(
                 return Ok(Restored {
                     state,
                     position: Some(position),
-                    source: if more { Source::CacheAndChangelog } else { Source::Cache },
+                    source: if more {
+                        Source::CacheAndChangelog
+                    } else {
+                        Source::Cache
+                    },
                     records: reader.records,
                     bytes: reader.bytes,
                     seconds: start.elapsed().as_secs_f64(),
                 });
             }
-            tracing::warn!(partition, cached_offset = pos.offset, "local state cache does not match the changelog; restoring from the changelog");
+            tracing::warn!(
+                partition,
+                cached_offset = pos.offset,
+                "local state cache does not match the changelog; restoring from the changelog"
+            );
         } else if pos.offset >= high {
             // The broker lost committed records (or the topic was recreated): the cache holds a
             // later committed checkpoint than the changelog. It is the better truth; the first
@@ -136,7 +144,12 @@ pub fn restore(
                 seconds: start.elapsed().as_secs_f64(),
             });
         } else {
-            tracing::info!(partition, cached_offset = pos.offset, changelog_start = low, "local state cache is older than the changelog's start; restoring from the changelog");
+            tracing::info!(
+                partition,
+                cached_offset = pos.offset,
+                changelog_start = low,
+                "local state cache is older than the changelog's start; restoring from the changelog"
+            );
         }
     }
     let (state, position) = if high > low {
@@ -208,7 +221,11 @@ impl Reader<'_> {
         let before = self.records;
         let (state, position) = self.read_rest(state, Some(pos))?;
         let more = self.records > before;
-        Ok(Some((state, position.expect("the cached position at least"), more)))
+        Ok(Some((
+            state,
+            position.expect("the cached position at least"),
+            more,
+        )))
     }
 
     fn read_from(

@@ -88,7 +88,13 @@ enum Attempt {
 }
 
 impl Sink {
-    pub fn new(url: &str, timeout: Duration, backoff_min: Duration, backoff_max: Duration, blocked: Blocked) -> Sink {
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        backoff_min: Duration,
+        backoff_max: Duration,
+        blocked: Blocked,
+    ) -> Sink {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))

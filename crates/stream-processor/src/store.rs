@@ -221,7 +221,12 @@ fn clear(c: &Connection, topic: &str, partition: i32) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn load(c: &mut Connection, topic: &str, input_topic: &str, partition: i32) -> rusqlite::Result<Option<(PartitionState, Position)>> {
+fn load(
+    c: &mut Connection,
+    topic: &str,
+    input_topic: &str,
+    partition: i32,
+) -> rusqlite::Result<Option<(PartitionState, Position)>> {
     let row = c
         .query_row(
             "SELECT resume_offset, decided_offset, next_seq, changelog_offset, commit_id, bytes_since_snapshot,
@@ -349,10 +354,14 @@ fn apply(
             }
             Record::State(delta) => {
                 for d in &delta.evicted {
-                    tx.prepare_cached("DELETE FROM cached_device WHERE topic = ?1 AND partition = ?2 AND device_id = ?3")?
-                        .execute(params![topic, p, d])?;
-                    tx.prepare_cached("DELETE FROM cached_key WHERE topic = ?1 AND partition = ?2 AND device_id = ?3")?
-                        .execute(params![topic, p, d])?;
+                    tx.prepare_cached(
+                        "DELETE FROM cached_device WHERE topic = ?1 AND partition = ?2 AND device_id = ?3",
+                    )?
+                    .execute(params![topic, p, d])?;
+                    tx.prepare_cached(
+                        "DELETE FROM cached_key WHERE topic = ?1 AND partition = ?2 AND device_id = ?3",
+                    )?
+                    .execute(params![topic, p, d])?;
                 }
                 let mut put_mark = tx.prepare_cached(
                     "INSERT INTO cached_device (topic, partition, device_id, max_ts, released_max) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -376,8 +385,10 @@ fn apply(
             }
             Record::Commit(commit) => {
                 if let Some(acked) = commit.acked_through {
-                    tx.prepare_cached("DELETE FROM cached_outbox WHERE topic = ?1 AND partition = ?2 AND seq <= ?3")?
-                        .execute(params![topic, p, acked])?;
+                    tx.prepare_cached(
+                        "DELETE FROM cached_outbox WHERE topic = ?1 AND partition = ?2 AND seq <= ?3",
+                    )?
+                    .execute(params![topic, p, acked])?;
                 }
                 let bytes_expr = if reset { "?8" } else { "bytes_since_snapshot + ?8" };
                 tx.execute(
@@ -501,20 +512,39 @@ mod tests {
             next_seq: 5,
             ..PartitionState::default()
         };
-        store.replace(0, &snap, &Position {
-            offset: 300,
-            id: "x-1".into(),
-            bytes_since_snapshot: 3,
-        });
+        store.replace(
+            0,
+            &snap,
+            &Position {
+                offset: 300,
+                id: "x-1".into(),
+                bytes_since_snapshot: 3,
+            },
+        );
         let (state, position) = store.load(0).await.expect("loads").expect("cached");
         assert_eq!(state, snap);
         assert_eq!((position.offset, position.bytes_since_snapshot), (300, 3));
 
         // A delta that does not follow the cached checkpoint drops the cache.
-        store.apply(0, vec![commit("y-1", 30, 6, None)], vec![1], 310, Some((299, "x-0".into())));
-        assert!(store.load(0).await.expect("loads").is_none(), "a cache with a gap is dropped");
+        store.apply(
+            0,
+            vec![commit("y-1", 30, 6, None)],
+            vec![1],
+            310,
+            Some((299, "x-0".into())),
+        );
+        assert!(
+            store.load(0).await.expect("loads").is_none(),
+            "a cache with a gap is dropped"
+        );
         // The next one does not follow either (nothing is cached): still nothing.
-        store.apply(0, vec![commit("y-2", 31, 6, None)], vec![1], 311, Some((310, "y-1".into())));
+        store.apply(
+            0,
+            vec![commit("y-2", 31, 6, None)],
+            vec![1],
+            311,
+            Some((310, "y-1".into())),
+        );
         assert!(store.load(0).await.expect("loads").is_none());
     }
 }

@@ -34,7 +34,11 @@ pub struct Topics {
 /// How a checkpoint ended.
 #[derive(Debug)]
 pub enum TxnOutcome {
-    Committed { number: u64, seconds: f64, snapshot: bool },
+    Committed {
+        number: u64,
+        seconds: f64,
+        snapshot: bool,
+    },
     /// Another owner took the partition: nothing of this process may be written for it again.
     Fenced(String),
     /// The broker kept refusing the transaction.
@@ -236,7 +240,11 @@ impl Writer {
         if let Some(cgm) = self.consumer.group_metadata() {
             let mut offsets = TopicPartitionList::new();
             offsets
-                .add_partition_offset(&self.topics.input, self.partition, Offset::Offset(plan.resume_offset))
+                .add_partition_offset(
+                    &self.topics.input,
+                    self.partition,
+                    Offset::Offset(plan.resume_offset),
+                )
                 .map_err(classify)?;
             self.producer
                 .send_offsets_to_transaction(&offsets, &cgm, CALL_TIMEOUT)
@@ -323,8 +331,14 @@ impl Writer {
         }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         match futures::executor::block_on(self.admin.delete_records(&tpl, &opts)) {
-            Ok(_) => tracing::debug!(partition = self.partition, before = offset, "changelog truncated before snapshot"),
-            Err(e) => tracing::warn!(partition = self.partition, error = %e, "changelog truncation failed; retried after the next snapshot"),
+            Ok(_) => tracing::debug!(
+                partition = self.partition,
+                before = offset,
+                "changelog truncated before snapshot"
+            ),
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error = %e, "changelog truncation failed; retried after the next snapshot")
+            }
         }
     }
 }

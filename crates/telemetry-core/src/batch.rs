@@ -130,7 +130,10 @@ mod tests {
             let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
             assert!(sizes.iter().all(|s| *s <= 10), "{n}: {sizes:?}");
             assert_eq!(sizes.len(), n.div_ceil(10), "{n}: fewest batches");
-            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{n}: {sizes:?}");
+            assert!(
+                sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+                "{n}: {sizes:?}"
+            );
             let flat: Vec<usize> = batches.into_iter().flatten().collect();
             assert_eq!(flat, (0..n).collect::<Vec<_>>(), "order kept");
         }

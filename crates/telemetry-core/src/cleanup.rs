@@ -272,7 +272,10 @@ impl Cleaner {
         let bucket = device.mark.max_ts.div_euclid(width);
         if bucket != device.bucket {
             device.bucket = bucket;
-            self.buckets.entry(bucket).or_default().push(event.device_id.clone());
+            self.buckets
+                .entry(bucket)
+                .or_default()
+                .push(event.device_id.clone());
         }
         device.dirty = true;
         if !device.listed {
@@ -390,7 +393,9 @@ impl Cleaner {
             .filter(|k| devices.contains_key(&k.device_id))
             .collect();
         for id in std::mem::take(&mut self.out.changed) {
-            let Some(d) = self.devices.get_mut(&id) else { continue };
+            let Some(d) = self.devices.get_mut(&id) else {
+                continue;
+            };
             d.listed = false;
             if d.dirty {
                 changes.devices.push((id.clone(), d.mark));
@@ -654,14 +659,25 @@ mod tests {
         assert_eq!(c.dedup_len(), 4, "old's identity went with it");
         let ch = c.take_changes();
         assert_eq!(ch.evicted, vec!["old".to_owned()]);
-        assert!(ch.new_keys.iter().all(|k| k.device_id == "new"), "no key of a forgotten device is persisted");
+        assert!(
+            ch.new_keys.iter().all(|k| k.device_id == "new"),
+            "no key of a forgotten device is persisted"
+        );
         assert_eq!(
             c.process(ev("old", 1_000), 9, 1_100),
             Outcome::Late,
             "a resend of a forgotten device's event cannot come back as new"
         );
-        assert_eq!(c.process(ev("fresh", 4_500), 10, 1_100), Outcome::Buffered, "a new device within the horizon");
-        assert_eq!(c.process(ev("stale", 3_000), 11, 1_100), Outcome::Late, "a new device beyond it");
+        assert_eq!(
+            c.process(ev("fresh", 4_500), 10, 1_100),
+            Outcome::Buffered,
+            "a new device within the horizon"
+        );
+        assert_eq!(
+            c.process(ev("stale", 3_000), 11, 1_100),
+            Outcome::Late,
+            "a new device beyond it"
+        );
         assert_eq!(c.evicted_total(), 1);
     }
 
@@ -682,12 +698,33 @@ mod tests {
     #[test]
     fn restored_devices_are_evicted_by_the_same_rule() {
         let marks = vec![
-            ("a".to_owned(), DeviceMark { max_ts: 1_000, released_max: 1_000 }),
-            ("b".to_owned(), DeviceMark { max_ts: 9_000, released_max: 8_000 }),
+            (
+                "a".to_owned(),
+                DeviceMark {
+                    max_ts: 1_000,
+                    released_max: 1_000,
+                },
+            ),
+            (
+                "b".to_owned(),
+                DeviceMark {
+                    max_ts: 9_000,
+                    released_max: 8_000,
+                },
+            ),
         ];
-        let keys = vec![SeenKey { device_id: "a".into(), ts: 1_000, latitude_bits: 0, longitude_bits: 0 }];
+        let keys = vec![SeenKey {
+            device_id: "a".into(),
+            ts: 1_000,
+            latitude_bits: 0,
+            longitude_bits: 0,
+        }];
         let mut c = Cleaner::restore(cfg(10, 1_000, 500), marks, keys, 0);
-        assert_eq!(c.process(ev("c", 2_000), 0, 0), Outcome::Late, "the partition's newest time was restored");
+        assert_eq!(
+            c.process(ev("c", 2_000), 0, 0),
+            Outcome::Late,
+            "the partition's newest time was restored"
+        );
         c.tick(0);
         assert_eq!(c.device_count(), 1);
         assert_eq!(c.take_changes().evicted, vec!["a".to_owned()]);
@@ -949,7 +986,8 @@ mod tests {
                 self.marks.insert(d, m);
             }
             for k in ch.new_keys {
-                self.keys.insert((k.device_id, k.ts), (k.latitude_bits, k.longitude_bits));
+                self.keys
+                    .insert((k.device_id, k.ts), (k.latitude_bits, k.longitude_bits));
             }
             for (d, below) in ch.pruned {
                 self.keys.retain(|(dev, ts), _| !(*dev == d && *ts < below));

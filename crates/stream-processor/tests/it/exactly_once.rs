@@ -49,8 +49,7 @@ async fn failpoint_scenario(step: &str, hit: u64) {
         .expect("processor did not reach the failpoint");
     assert!(!status.success(), "processor should have aborted at {step}");
     assert!(
-        h.log(MAIN)
-            .contains(&format!("failpoint {step}: aborting")),
+        h.log(MAIN).contains(&format!("failpoint {step}: aborting")),
         "abort was not at {step}"
     );
     h.start_processor(&[]);
@@ -185,10 +184,15 @@ async fn a_lost_state_file_is_rebuilt_from_the_changelog_and_nothing_repeats() {
     let stored = h.settle(total, Duration::from_secs(120)).await;
     assert_exactly(&stored, &expected);
     let restart = &h.run_logs(MAIN)[1];
-    let restores: Vec<&str> = restart.lines().filter(|l| l.contains("partition state restored")).collect();
+    let restores: Vec<&str> = restart
+        .lines()
+        .filter(|l| l.contains("partition state restored"))
+        .collect();
     assert_eq!(restores.len(), PARTITIONS as usize, "every partition restored");
     assert!(
-        restores.iter().all(|l| l.contains("changelog") && !l.contains("cache")),
+        restores
+            .iter()
+            .all(|l| l.contains("changelog") && !l.contains("cache")),
         "restored from the changelog alone: {restores:#?}"
     );
 }
@@ -201,16 +205,27 @@ async fn a_sink_that_refuses_batches_blocks_delivery_and_loses_nothing() {
     // A wrong path: the sink answers 404 to every batch.
     let wrong = h.sink.url().replace("/events/batch", "/events/batches");
     h.start_processor(&[("INGEST_URL", wrong), ("SHUTDOWN_TIMEOUT_MS", "1000".to_owned())]);
-    h.wait_log(MAIN, "delivery of this partition is blocked", 1, Duration::from_secs(60)).await;
+    h.wait_log(
+        MAIN,
+        "delivery of this partition is blocked",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
     let start = Instant::now();
     while h.readyz(MAIN).await != 503 {
-        assert!(start.elapsed() < Duration::from_secs(20), "/readyz reports the blocked sink");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "/readyz reports the blocked sink"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(h.sink.count().await, 0, "nothing reached the sink");
     h.signal(MAIN, "TERM");
-    let status = h.wait_processor_exit(Duration::from_secs(60)).expect("stops on SIGTERM");
+    let status = h
+        .wait_processor_exit(Duration::from_secs(60))
+        .expect("stops on SIGTERM");
     assert!(status.success(), "{status:?}");
     // The right URL: every in-time event arrives, and the dead-letter topic holds only the
     // late and invalid events.
@@ -218,8 +233,17 @@ async fn a_sink_that_refuses_batches_blocks_delivery_and_loses_nothing() {
     let total: usize = c.expected.values().map(Vec::len).sum();
     let stored = h.settle(total, Duration::from_secs(120)).await;
     assert_exactly(&stored, &c.expected);
-    let letters = consume(&brokers(), &h.dlq, c.late.len() + c.invalid + 1, Duration::from_secs(5));
-    assert_eq!(letters.len(), c.late.len() + c.invalid, "only late and invalid events are dead letters");
+    let letters = consume(
+        &brokers(),
+        &h.dlq,
+        c.late.len() + c.invalid + 1,
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        letters.len(),
+        c.late.len() + c.invalid,
+        "only late and invalid events are dead letters"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,9 +253,13 @@ async fn batch_size_above_the_sinks_limit_splits_batches_and_loses_nothing_acros
     let c = crafted(4, 600, 23);
     produce(&brokers(), &h.topic, &c.records).await;
     // BATCH_SIZE 500 against MAX_BATCH_LEN 60: every batch is refused (413) until split.
-    let big = [("BATCH_SIZE", "500".to_owned()), ("BATCH_LINGER_MS", "1000".to_owned())];
+    let big = [
+        ("BATCH_SIZE", "500".to_owned()),
+        ("BATCH_LINGER_MS", "1000".to_owned()),
+    ];
     h.start_processor(&big);
-    h.wait_log(MAIN, "the outbox is split", 2, Duration::from_secs(60)).await;
+    h.wait_log(MAIN, "the outbox is split", 2, Duration::from_secs(60))
+        .await;
     h.kill_processor();
     // The next owner finds the split outbox (or the unsplit one, if the kill came before the
     // split committed) and splits again where it must.
@@ -240,11 +268,22 @@ async fn batch_size_above_the_sinks_limit_splits_batches_and_loses_nothing_acros
     let stored = h.settle(total, Duration::from_secs(120)).await;
     assert_exactly(&stored, &c.expected);
     assert!(
-        h.run_logs(MAIN).iter().all(|l| !l.contains("delivery of this partition is blocked")),
+        h.run_logs(MAIN)
+            .iter()
+            .all(|l| !l.contains("delivery of this partition is blocked")),
         "a batch over the limit is split, not blocked"
     );
-    let letters = consume(&brokers(), &h.dlq, c.late.len() + c.invalid + 1, Duration::from_secs(5));
-    assert_eq!(letters.len(), c.late.len() + c.invalid, "only late and invalid events are dead letters");
+    let letters = consume(
+        &brokers(),
+        &h.dlq,
+        c.late.len() + c.invalid + 1,
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        letters.len(),
+        c.late.len() + c.invalid,
+        "only late and invalid events are dead letters"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +295,9 @@ async fn a_topic_log_that_ends_before_the_committed_position_stops_the_partition
     let total: usize = expected.values().map(Vec::len).sum();
     h.settle(total, Duration::from_secs(90)).await;
     h.signal(MAIN, "TERM");
-    let status = h.wait_processor_exit(Duration::from_secs(60)).expect("stops on SIGTERM");
+    let status = h
+        .wait_processor_exit(Duration::from_secs(60))
+        .expect("stops on SIGTERM");
     assert!(status.success(), "{status:?}");
     // The same committed state against a log that ends earlier, as after the topic was
     // recreated: the new events sit below the stored positions and must not be skipped quietly.
@@ -266,13 +307,24 @@ async fn a_topic_log_that_ends_before_the_committed_position_stops_the_partition
     produce(&brokers(), &recreated, &few).await;
     let changelog = h.changelog();
     h.start_processor(&[("KAFKA_TOPIC", recreated), ("CHANGELOG_TOPIC", changelog)]);
-    h.wait_run_log(MAIN, "the topic's log ends before this partition's committed position", Duration::from_secs(60))
-        .await;
+    h.wait_run_log(
+        MAIN,
+        "the topic's log ends before this partition's committed position",
+        Duration::from_secs(60),
+    )
+    .await;
     let start = Instant::now();
     while h.readyz(MAIN).await != 503 {
-        assert!(start.elapsed() < Duration::from_secs(20), "/readyz reports the stopped partition");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "/readyz reports the stopped partition"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(h.sink.count().await as usize, total, "nothing of the shorter log was delivered");
+    assert_eq!(
+        h.sink.count().await as usize,
+        total,
+        "nothing of the shorter log was delivered"
+    );
 }

@@ -179,7 +179,10 @@ impl Harness {
     /// Starts processor `name`: static member `instance` (dynamic when `None`), state file
     /// `state` in the test's directory.
     pub(crate) fn start(&mut self, name: &str, instance: Option<&str>, state: &str, env: &[(&str, String)]) {
-        assert!(!self.procs.contains_key(name), "processor {name} is already running");
+        assert!(
+            !self.procs.contains_key(name),
+            "processor {name} is already running"
+        );
         let path = self.dir.path().join(format!("{name}-{}.log", self.logs.len()));
         let log = std::fs::File::create(&path).expect("create log");
         let admin_port = free_port();
@@ -258,7 +261,6 @@ impl Harness {
         }
     }
 
-
     /// SIGKILL.
     pub(crate) fn kill(&mut self, name: &str) {
         if let Some(mut child) = self.procs.remove(name) {
@@ -273,7 +275,10 @@ impl Harness {
 
     /// Sends a signal (TERM, STOP, CONT) to a running processor.
     pub(crate) fn signal(&self, name: &str, signal: &str) {
-        let child = self.procs.get(name).unwrap_or_else(|| panic!("processor {name} is not running"));
+        let child = self
+            .procs
+            .get(name)
+            .unwrap_or_else(|| panic!("processor {name} is not running"));
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(child.id().to_string())
@@ -336,7 +341,10 @@ impl Harness {
                 break;
             }
             if start.elapsed() > within {
-                panic!("sink holds {n} of {expected} events after {within:?}; processor logs:\n{}", self.log_tails());
+                panic!(
+                    "sink holds {n} of {expected} events after {within:?}; processor logs:\n{}",
+                    self.log_tails()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -351,7 +359,10 @@ impl Drop for Harness {
         for name in names {
             // A stopped process must be continued to die promptly on some kernels.
             if let Some(child) = self.procs.get(&name) {
-                let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
+                let _ = Command::new("kill")
+                    .arg("-CONT")
+                    .arg(child.id().to_string())
+                    .status();
             }
             self.kill(&name);
         }
@@ -525,4 +536,3 @@ pub(crate) fn steady_stream(
         expected,
     )
 }
-

@@ -70,7 +70,11 @@ async fn three_processors_with_partitions_moving_under_load_deliver_exactly_once
     // A long idle timeout: rebalances stall partitions for seconds, and a device's stragglers
     // must not turn late by the idle-flush policy (that is policy, not this test's subject).
     let env = [("IDLE_TIMEOUT_MS", "8000".to_owned())];
-    let (a, b, c) = (format!("{}-a", h.group), format!("{}-b", h.group), format!("{}-c", h.group));
+    let (a, b, c) = (
+        format!("{}-a", h.group),
+        format!("{}-b", h.group),
+        format!("{}-c", h.group),
+    );
     h.start("a", Some(&a), "a.db", &env);
     h.start("b", Some(&b), "b.db", &env);
     h.wait_sink(1_000, Duration::from_secs(60)).await;
@@ -80,7 +84,10 @@ async fn three_processors_with_partitions_moving_under_load_deliver_exactly_once
     let restored = "partition state restored";
     let settle = Duration::from_secs(60);
     let restores = |h: &Harness| -> usize {
-        ["a", "b", "c", "d"].iter().map(|n| h.log(n).matches(restored).count()).sum()
+        ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| h.log(n).matches(restored).count())
+            .sum()
     };
 
     // A third static member joins.
@@ -94,7 +101,9 @@ async fn three_processors_with_partitions_moving_under_load_deliver_exactly_once
     h.wait_run_log("b", restored, settle).await;
     // A static member stops (it stays in the group) and restarts from its local store.
     h.signal("c", "TERM");
-    let status = h.wait_exit("c", Duration::from_secs(60)).expect("c stops on SIGTERM");
+    let status = h
+        .wait_exit("c", Duration::from_secs(60))
+        .expect("c stops on SIGTERM");
     assert!(status.success(), "c exits cleanly on SIGTERM: {status:?}");
     h.start("c", Some(&c), "c.db", &env);
     h.wait_run_log("c", restored, settle).await;
@@ -112,11 +121,17 @@ async fn three_processors_with_partitions_moving_under_load_deliver_exactly_once
     // stores are now stale for them.
     let before = restores(&h);
     h.signal("d", "TERM");
-    let status = h.wait_exit("d", Duration::from_secs(60)).expect("d stops on SIGTERM");
+    let status = h
+        .wait_exit("d", Duration::from_secs(60))
+        .expect("d stops on SIGTERM");
     assert!(status.success(), "d exits cleanly on SIGTERM: {status:?}");
     let start = std::time::Instant::now();
     while restores(&h) == before {
-        assert!(start.elapsed() < settle, "d's partitions found no new owner; logs:\n{}", h.log_tails());
+        assert!(
+            start.elapsed() < settle,
+            "d's partitions found no new owner; logs:\n{}",
+            h.log_tails()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     producer.await.expect("producer");
@@ -125,7 +140,11 @@ async fn three_processors_with_partitions_moving_under_load_deliver_exactly_once
     let stored = h.settle(total, Duration::from_secs(180)).await;
     assert_exactly(&stored, &expected);
     let letters = consume(&brokers(), &h.dlq, 1, Duration::from_secs(5));
-    assert!(letters.is_empty(), "no late or invalid events were sent, so no dead letters: {}", letters.len());
+    assert!(
+        letters.is_empty(),
+        "no late or invalid events were sent, so no dead letters: {}",
+        letters.len()
+    );
 
     // The moves happened as intended.
     let b_restart = &h.run_logs("b")[1];
@@ -137,7 +156,10 @@ async fn three_processors_with_partitions_moving_under_load_deliver_exactly_once
     let sources = restore_sources(&all);
     eprintln!("restores by source: {sources:?}");
     assert!(sources.get("changelog").copied().unwrap_or(0) >= 1, "{sources:?}");
-    let owners = ["a", "b", "c", "d"].iter().filter(|n| h.log(n).contains("partition state restored")).count();
+    let owners = ["a", "b", "c", "d"]
+        .iter()
+        .filter(|n| h.log(n).contains("partition state restored"))
+        .count();
     assert!(owners >= 3, "partitions were spread over the members");
 }
 
@@ -156,8 +178,13 @@ async fn a_zombie_writes_nothing_after_another_processor_took_its_partitions() {
     h.signal("a", "STOP");
     let frozen_at = h.sink.count().await;
     h.start("b", Some(&id), "b.db", &env);
-    h.wait_log("b", "partition state restored", PARTITIONS as usize, Duration::from_secs(60))
-        .await;
+    h.wait_log(
+        "b",
+        "partition state restored",
+        PARTITIONS as usize,
+        Duration::from_secs(60),
+    )
+    .await;
     h.wait_sink(frozen_at + 2_000, Duration::from_secs(60)).await;
 
     // Wake the zombie: whatever it tries must fail, and it must stop.
@@ -187,21 +214,36 @@ async fn a_zombie_writes_nothing_after_another_processor_took_its_partitions() {
     let mut commits = 0;
     for m in &records {
         use rdkafka::message::Message;
-        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).expect("changelog JSON");
+        let v: serde_json::Value =
+            serde_json::from_slice(m.payload().unwrap_or_default()).expect("changelog JSON");
         if v["t"] != "commit" {
             continue;
         }
         commits += 1;
-        let writer = v["id"].as_str().expect("commit id").split('.').next().expect("prefix").to_owned();
+        let writer = v["id"]
+            .as_str()
+            .expect("commit id")
+            .split('.')
+            .next()
+            .expect("prefix")
+            .to_owned();
         let b_started = seen_b.entry(m.partition()).or_insert(false);
         if writer == writer_b {
             *b_started = true;
         } else if writer == writer_a {
-            assert!(!*b_started, "partition {}: the zombie committed after the new owner: {v}", m.partition());
+            assert!(
+                !*b_started,
+                "partition {}: the zombie committed after the new owner: {v}",
+                m.partition()
+            );
         }
     }
     assert!(commits > 0, "the changelog holds committed checkpoints");
-    assert_eq!(seen_b.values().filter(|b| **b).count(), PARTITIONS as usize, "b checkpointed every partition");
+    assert_eq!(
+        seen_b.values().filter(|b| **b).count(),
+        PARTITIONS as usize,
+        "b checkpointed every partition"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,11 +252,18 @@ async fn abort_during_revoke_then_restart_gives_identical_sink() {
     let c = crafted(4, 500, 13);
     produce(&brokers(), &h.topic, &c.records).await;
     let (a, b) = (format!("{}-a", h.group), format!("{}-b", h.group));
-    h.start("a", Some(&a), "a.db", &[("FAILPOINT", "during_revoke".to_owned())]);
+    h.start(
+        "a",
+        Some(&a),
+        "a.db",
+        &[("FAILPOINT", "during_revoke".to_owned())],
+    );
     h.wait_sink(200, Duration::from_secs(60)).await;
     // b joins: some of a's partitions are revoked, and a aborts while handing them over.
     h.start("b", Some(&b), "b.db", &[]);
-    let status = h.wait_exit("a", Duration::from_secs(60)).expect("a reached the failpoint");
+    let status = h
+        .wait_exit("a", Duration::from_secs(60))
+        .expect("a reached the failpoint");
     assert!(!status.success());
     assert!(h.log("a").contains("failpoint during_revoke: aborting"));
     h.start("a", Some(&a), "a.db", &[]);
@@ -222,7 +271,16 @@ async fn abort_during_revoke_then_restart_gives_identical_sink() {
     let stored = h.settle(total, Duration::from_secs(120)).await;
     assert_exactly(&stored, &c.expected);
     let letters = dead_letters(&h, c.late.len() + c.invalid);
-    assert_eq!(letters.len(), c.late.len() + c.invalid, "each late and invalid event dead-lettered once");
-    let more = consume(&brokers(), &h.dlq, c.late.len() + c.invalid + 1, Duration::from_secs(3));
+    assert_eq!(
+        letters.len(),
+        c.late.len() + c.invalid,
+        "each late and invalid event dead-lettered once"
+    );
+    let more = consume(
+        &brokers(),
+        &h.dlq,
+        c.late.len() + c.invalid + 1,
+        Duration::from_secs(3),
+    );
     assert_eq!(more.len(), c.late.len() + c.invalid, "and no dead letter twice");
 }
