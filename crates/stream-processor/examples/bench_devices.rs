@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use stream_processor::changelog::{PartitionState, Record};
 use stream_processor::partition::{Actions, Partition, PartitionConfig};
-use stream_processor::store::StateStore;
+use stream_processor::store::{Committed, StateStore};
 use telemetry_core::CleanupConfig;
 
 const BASE: i64 = 1_700_000_000_000;
@@ -53,12 +53,14 @@ impl Driver {
                     Some(Record::Commit(c)) => c.id.clone(),
                     _ => unreachable!("a checkpoint ends with its commit"),
                 };
-                let sizes = plan.encoded.iter().map(Vec::len).collect();
                 self.store.apply(
                     0,
-                    plan.records.clone(),
-                    sizes,
-                    self.commit_offset,
+                    Committed {
+                        encoded: plan.encoded.clone(),
+                        snapshot: plan.snapshot,
+                        commit_offset: self.commit_offset,
+                        commit_id: id.clone(),
+                    },
                     self.prev.clone(),
                 );
                 self.prev = Some((self.commit_offset, id));

@@ -396,6 +396,12 @@ impl Partition {
             || self.cleaner.has_released()
     }
 
+    /// Roughly what a snapshot of this state would take on the changelog, in bytes.
+    fn state_estimate(&self) -> usize {
+        let outbox: usize = self.outbox.iter().map(|b| b.body.len()).sum();
+        self.cleaner.dedup_len() * 40 + self.cleaner.device_count() * 48 + outbox
+    }
+
     fn take_released(&mut self, now: u64) {
         if self.cleaner.has_released() {
             let released = self.cleaner.drain_released();
@@ -463,7 +469,13 @@ impl Partition {
         let changes = self.cleaner.take_changes();
         self.checkpoints += 1;
         let number = self.checkpoints;
-        let snapshot = self.bytes_since_snapshot >= self.snapshot_bytes.max(self.cfg.snapshot_min_bytes);
+        // A snapshot once the deltas outgrow the last snapshot, or twice the state as it is now
+        // (after a wave of evictions the log, and the cache copying it, shrink back soon).
+        let threshold = self
+            .snapshot_bytes
+            .min(2 * self.state_estimate())
+            .max(self.cfg.snapshot_min_bytes);
+        let snapshot = self.bytes_since_snapshot >= threshold;
         let acked = (self.acked_through != self.acked_recorded)
             .then_some(self.acked_through)
             .flatten();

@@ -21,7 +21,7 @@ use crate::changelog::Record;
 use crate::consumer::GroupConsumer;
 use crate::failpoint::{self, Step};
 use crate::partition::{CheckpointPlan, DeadLetter};
-use crate::store::StateStore;
+use crate::store::{Committed, StateStore};
 
 /// Where the writer writes.
 #[derive(Debug, Clone)]
@@ -171,12 +171,15 @@ impl Writer {
                         Some(Record::Commit(c)) => c.id.clone(),
                         _ => String::new(),
                     };
-                    let prev = self.last.replace((commit_offset, commit_id));
+                    let prev = self.last.replace((commit_offset, commit_id.clone()));
                     self.cache.apply(
                         self.partition,
-                        plan.records.clone(),
-                        plan.encoded.iter().map(Vec::len).collect(),
-                        commit_offset,
+                        Committed {
+                            encoded: plan.encoded.clone(),
+                            snapshot: plan.snapshot,
+                            commit_offset,
+                            commit_id,
+                        },
                         prev,
                     );
                     if let Some(offset) = reset_offset {

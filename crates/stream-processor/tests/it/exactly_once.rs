@@ -244,6 +244,18 @@ async fn a_sink_that_refuses_batches_blocks_delivery_and_loses_nothing() {
         c.late.len() + c.invalid,
         "only late and invalid events are dead letters"
     );
+    // After a clean stop the local cache is current: the restart restores every partition that
+    // has a committed state from it alone (the others have an empty changelog).
+    let restores: Vec<String> = h.run_logs(MAIN)[1]
+        .lines()
+        .filter(|l| l.contains("partition state restored") && l.contains("resume_offset=Some"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!restores.is_empty(), "a partition with state was restored");
+    assert!(
+        restores.iter().all(|l| l.contains(r#"source="cache""#)),
+        "restored from the local cache: {restores:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
