@@ -51,13 +51,8 @@ impl std::fmt::Debug for Publisher {
 
 /// The producer configuration DESIGN.md asks for: idempotent, acks=all, murmur2 on the key.
 pub fn producer_config(settings: &Settings) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &settings.kafka_brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        // Same partition for a key as Java clients and Redpanda tools.
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", settings.producer_linger_ms.to_string())
+    let mut c = service_common::kafka::idempotent_producer(&settings.kafka_brokers);
+    c.set("linger.ms", settings.producer_linger_ms.to_string())
         .set("batch.num.messages", settings.producer_batch_messages.to_string())
         .set(
             "queue.buffering.max.messages",

@@ -7,6 +7,43 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+/// The producer every writer of events and state starts from (the proxy, the processor's
+/// checkpoint writers, the tests and the benchmarks): idempotent, `acks=all`, and murmur2 on the
+/// key, so a device lands on the partition Java clients and Redpanda tools pick for it. Callers
+/// add only tuning (linger, batch sizes, timeouts).
+pub fn idempotent_producer(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random");
+    c
+}
+
+/// A transactional producer: [`idempotent_producer`] with a `transactional.id`, whose
+/// `init_transactions` fences every earlier producer with the same id.
+pub fn transactional_producer(brokers: &str, transactional_id: &str) -> ClientConfig {
+    let mut c = idempotent_producer(brokers);
+    c.set("transactional.id", transactional_id);
+    c
+}
+
+/// A consumer that commits nothing by itself (offsets go with the processor's transactions, or
+/// nowhere), reads only committed records from the earliest offset, and accepts fetch answers
+/// larger than it asked for (the test broker answers a fetch with everything it has). Callers
+/// add group membership and fetch tuning.
+pub fn manual_consumer(brokers: &str, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("receive.message.max.bytes", "1073741824");
+    c
+}
+
 /// Creates `topic` with `partitions` partitions; an existing topic is fine (its partition
 /// count is left as it is).
 pub async fn ensure_topic(

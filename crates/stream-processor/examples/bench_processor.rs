@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -60,11 +59,7 @@ fn stream(n: usize) -> (Vec<(usize, i64)>, usize) {
 }
 
 async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
+    let producer: FutureProducer = service_common::kafka::idempotent_producer(brokers)
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
@@ -104,15 +99,11 @@ async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
 }
 
 fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("bench-raw-{}", std::process::id()))
-        // As the processor: the test broker may answer a fetch past fetch.max.bytes.
-        .set("fetch.max.bytes", "16777216")
-        .set("receive.message.max.bytes", "1073741824")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let consumer: BaseConsumer =
+        service_common::kafka::manual_consumer(brokers, &format!("bench-raw-{}", std::process::id()))
+            .set("fetch.max.bytes", "16777216")
+            .create()
+            .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
@@ -383,12 +374,11 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
     if let Some(Record::Commit(Commit { resume_offset, .. })) = records.last_mut() {
         *resume_offset = keys as i64;
     }
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("transactional.id", format!("{changelog}-writer"))
-        .set("message.max.bytes", "16777216")
-        .create()
-        .expect("producer");
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        service_common::kafka::transactional_producer(brokers, &format!("{changelog}-writer"))
+            .set("message.max.bytes", "16777216")
+            .create()
+            .expect("producer");
     producer.init_transactions(Duration::from_secs(30)).expect("init");
     producer.begin_transaction().expect("begin");
     let mut bytes = 0;

@@ -116,21 +116,12 @@ pub fn create(
     topic: &str,
     inputs: mpsc::Sender<Input>,
 ) -> Result<GroupConsumer, KafkaError> {
-    let mut config = rdkafka::ClientConfig::new();
+    let mut config = service_common::kafka::manual_consumer(brokers, group);
     config
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
         .set("session.timeout.ms", session_timeout_ms.to_string())
         .set("partition.assignment.strategy", assignment_strategy)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", "50")
-        // Ask for modest fetches, but accept large ones: the test broker answers a fetch with
-        // everything it has, past fetch.max.bytes.
-        .set("fetch.max.bytes", "16777216")
-        .set("receive.message.max.bytes", "1073741824");
+        .set("fetch.max.bytes", "16777216");
     if let Some(id) = instance_id {
         config.set("group.instance.id", id);
     }

@@ -118,12 +118,9 @@ impl Pipeline {
             .set("bootstrap.servers", &settings.kafka_brokers)
             .create()
             .context("creating the admin client")?;
-        let mut producer_config = ClientConfig::new();
+        // Each partition's writer adds its `transactional.id` (`txn::transactional_id`).
+        let mut producer_config = service_common::kafka::idempotent_producer(&settings.kafka_brokers);
         producer_config
-            .set("bootstrap.servers", &settings.kafka_brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
             .set("linger.ms", "1")
             .set("message.max.bytes", "16777216")
             .set("transaction.timeout.ms", "60000");

@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -76,18 +75,12 @@ pub fn restore(
 ) -> Result<Restored, RestoreError> {
     let start = Instant::now();
     let kafka = |source| RestoreError::Kafka { partition, source };
-    let consumer: BaseConsumer<Quiet> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{changelog}-restore"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.max.bytes", "52428800")
-        .set("receive.message.max.bytes", "1073741824")
-        .create_with_context(Quiet)
-        .map_err(kafka)?;
+    let consumer: BaseConsumer<Quiet> =
+        service_common::kafka::manual_consumer(brokers, &format!("{changelog}-restore"))
+            .set("enable.partition.eof", "true")
+            .set("fetch.max.bytes", "52428800")
+            .create_with_context(Quiet)
+            .map_err(kafka)?;
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .map_err(kafka)?;

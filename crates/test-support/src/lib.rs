@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -135,10 +134,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// A reader of the whole topic from the beginning, without a consumer group (so no join delay).
 pub fn reader(brokers: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("test-reader"))
-        .set("enable.auto.commit", "false")
+    let consumer: BaseConsumer = service_common::kafka::manual_consumer(brokers, &unique("test-reader"))
         .create()
         .expect("consumer");
     let md = consumer
@@ -204,11 +200,7 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 /// for every acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, records: &[(Option<String>, Vec<u8>)]) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
+    let producer: FutureProducer = service_common::kafka::idempotent_producer(brokers)
         .set("linger.ms", "5")
         .create()
         .expect("producer");
