@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use test_support::{brokers, consume, produce};
+use test_support::{brokers, produce};
 
 use crate::harness::*;
 
@@ -233,17 +233,7 @@ async fn a_sink_that_refuses_batches_blocks_delivery_and_loses_nothing() {
     let total: usize = c.expected.values().map(Vec::len).sum();
     let stored = h.settle(total, Duration::from_secs(120)).await;
     assert_exactly(&stored, &c.expected);
-    let letters = consume(
-        &brokers(),
-        &h.dlq,
-        c.late.len() + c.invalid + 1,
-        Duration::from_secs(5),
-    );
-    assert_eq!(
-        letters.len(),
-        c.late.len() + c.invalid,
-        "only late and invalid events are dead letters"
-    );
+    assert_only_late_and_invalid_dead_lettered_once(&h, &c);
     // After a clean stop the local cache is current: the restart restores every partition that
     // has a committed state from it alone (the others have an empty changelog).
     let restores: Vec<String> = h.run_logs(MAIN)[1]
@@ -285,17 +275,7 @@ async fn batch_size_above_the_sinks_limit_splits_batches_and_loses_nothing_acros
             .all(|l| !l.contains("delivery of this partition is blocked")),
         "a batch over the limit is split, not blocked"
     );
-    let letters = consume(
-        &brokers(),
-        &h.dlq,
-        c.late.len() + c.invalid + 1,
-        Duration::from_secs(5),
-    );
-    assert_eq!(
-        letters.len(),
-        c.late.len() + c.invalid,
-        "only late and invalid events are dead letters"
-    );
+    assert_only_late_and_invalid_dead_lettered_once(&h, &c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

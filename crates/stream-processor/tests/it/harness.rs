@@ -473,6 +473,18 @@ pub(crate) fn assert_exactly(stored: &[(String, i64)], expected: &HashMap<String
     assert_eq!(stored.len(), total, "sink holds events that were not expected");
 }
 
+/// The dead-letter topic holds the crafted stream's late and invalid events, each once: one
+/// more is waited for, briefly, and must not come.
+pub(crate) fn assert_only_late_and_invalid_dead_lettered_once(h: &Harness, c: &Crafted) {
+    let expected = c.late.len() + c.invalid;
+    let letters = consume(&brokers(), &h.dlq, expected + 1, Duration::from_secs(5));
+    assert_eq!(
+        letters.len(),
+        expected,
+        "the dead-letter topic holds each late and invalid event once, and nothing else"
+    );
+}
+
 pub(crate) fn dead_letters(h: &Harness, expected: usize) -> Vec<(String, Vec<u8>)> {
     consume(&brokers(), &h.dlq, expected, Duration::from_secs(20))
         .into_iter()

@@ -270,17 +270,5 @@ async fn abort_during_revoke_then_restart_gives_identical_sink() {
     let total: usize = c.expected.values().map(Vec::len).sum();
     let stored = h.settle(total, Duration::from_secs(120)).await;
     assert_exactly(&stored, &c.expected);
-    let letters = dead_letters(&h, c.late.len() + c.invalid);
-    assert_eq!(
-        letters.len(),
-        c.late.len() + c.invalid,
-        "each late and invalid event dead-lettered once"
-    );
-    let more = consume(
-        &brokers(),
-        &h.dlq,
-        c.late.len() + c.invalid + 1,
-        Duration::from_secs(3),
-    );
-    assert_eq!(more.len(), c.late.len() + c.invalid, "and no dead letter twice");
+    assert_only_late_and_invalid_dead_lettered_once(&h, &c);
 }
