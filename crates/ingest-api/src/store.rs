@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+
 use telemetry_core::Event;
 use tokio::sync::{mpsc, oneshot};
 
@@ -51,16 +51,7 @@ impl Synchronous {
     }
 }
 
-/// A stored event, as `GET /events` and `POST /event` show it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StoredEvent {
-    pub id: i64,
-    #[serde(flatten)]
-    pub event: Event,
-    /// When the API stored it, epoch milliseconds.
-    #[serde(rename = "receivedAt")]
-    pub received_at: i64,
-}
+pub use telemetry_core::StoredEvent;
 
 /// The answer to a batch insert, kept with its idempotency key so a replay answers the same.
 #[derive(Debug, Clone, PartialEq, Eq)]

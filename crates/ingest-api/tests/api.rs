@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 use ingest_api::{Application, Settings};
+use load_generator::events::EventsClient;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use telemetry_core::StoredEvent;
 use tokio::sync::oneshot;
 
 struct TestApp {
@@ -47,23 +49,12 @@ impl TestApp {
             .expect("request failed")
     }
 
-    /// Every stored event, paging through `GET /events`.
-    async fn all_events(&self) -> Vec<Value> {
-        let mut out = Vec::new();
-        for page in 1.. {
-            let body: Value = self
-                .get(&format!("/events?page={page}&size=1000"))
-                .await
-                .json()
-                .await
-                .unwrap();
-            let data = body["data"].as_array().unwrap().clone();
-            if data.is_empty() {
-                break;
-            }
-            out.extend(data);
-        }
-        out
+    /// Every stored event, read through `GET /events` with the shared typed client.
+    async fn all_events(&self) -> Vec<StoredEvent> {
+        EventsClient::new(&self.base)
+            .all()
+            .await
+            .expect("read every stored event")
     }
 
     async fn total(&self) -> u64 {
@@ -153,7 +144,7 @@ async fn post_event_stores_it_and_answers_the_row_with_its_id() {
     assert_eq!(row["ts"], 1_700_000_000_000i64);
     let stored = app.all_events().await;
     assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0]["latitude"], 37.77);
+    assert_eq!(stored[0].event.latitude, 37.77);
     assert!(app.db.exists(), "database file and its directory are created");
 }
 
@@ -164,12 +155,7 @@ async fn batch_is_stored_in_order_and_reports_ids() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body, json!({"inserted": 5, "firstId": 1, "lastId": 5}));
-    let ts: Vec<i64> = app
-        .all_events()
-        .await
-        .iter()
-        .map(|e| e["ts"].as_i64().unwrap())
-        .collect();
+    let ts: Vec<i64> = app.all_events().await.iter().map(|e| e.event.ts).collect();
     assert_eq!(ts, vec![10, 11, 12, 13, 14]);
 }
 
@@ -550,9 +536,9 @@ async fn concurrent_clients_with_repeated_keys_store_each_key_once() {
     assert_eq!(stored.len(), DISTINCT_KEYS * BATCH_LEN as usize);
     // Each batch stayed contiguous and in order.
     for chunk in stored.chunks(BATCH_LEN as usize) {
-        let dev = &chunk[0]["deviceId"];
-        let ts: Vec<i64> = chunk.iter().map(|e| e["ts"].as_i64().unwrap()).collect();
-        assert!(chunk.iter().all(|e| &e["deviceId"] == dev));
+        let dev = &chunk[0].event.device_id;
+        let ts: Vec<i64> = chunk.iter().map(|e| e.event.ts).collect();
+        assert!(chunk.iter().all(|e| &e.event.device_id == dev));
         assert_eq!(ts, (0..BATCH_LEN).collect::<Vec<_>>());
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::config::VerifySettings;
+use crate::events::EventsClient;
 
 /// The comparison.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -115,29 +116,15 @@ pub fn compare(stored: &[Key], expected: &HashSet<Key>, allowed: &HashSet<Key>) 
     r
 }
 
-/// Every stored row (of devices starting with `prefix`), in insertion order, read with the
-/// keyset form of `GET /events` (constant cost per page at any depth).
-async fn fetch_all(client: &reqwest::Client, api: &str, prefix: Option<&str>) -> anyhow::Result<Vec<Row>> {
-    let mut out = Vec::new();
-    let mut after = 0i64;
-    loop {
-        let url = format!("{}/events?after={after}&size=1000", api.trim_end_matches('/'));
-        let body: Value = client.get(&url).send().await?.error_for_status()?.json().await?;
-        let data = body["data"]
-            .as_array()
-            .ok_or_else(|| anyhow::anyhow!("{url}: no data array"))?;
-        for e in data {
-            let device = e["deviceId"].as_str().unwrap_or_default();
-            if prefix.is_none_or(|p| device.starts_with(p)) {
-                let key = (device.to_owned(), e["ts"].as_i64().unwrap_or(i64::MIN));
-                out.push((key, e["receivedAt"].as_i64().unwrap_or(i64::MIN)));
-            }
-        }
-        match body["next"].as_i64() {
-            Some(next) => after = next,
-            None => return Ok(out),
-        }
-    }
+/// Every stored row of devices starting with `prefix` (all without one), in insertion order.
+async fn fetch_all(client: &EventsClient, prefix: Option<&str>) -> anyhow::Result<Vec<Row>> {
+    Ok(client
+        .all()
+        .await?
+        .into_iter()
+        .filter(|e| prefix.is_none_or(|p| e.event.device_id.starts_with(p)))
+        .map(|e| ((e.event.device_id, e.event.ts), e.received_at))
+        .collect())
 }
 
 fn report(stored: &[Row], m: &Manifest) -> Report {
@@ -152,16 +139,16 @@ fn report(stored: &[Row], m: &Manifest) -> Report {
 pub async fn verify(s: &VerifySettings) -> anyhow::Result<Report> {
     let text = std::fs::read_to_string(&s.manifest)?;
     let m = read_manifest(&text)?;
-    let client = reqwest::Client::new();
+    let client = EventsClient::new(&s.api);
     let deadline = Instant::now() + Duration::from_secs(s.wait_secs);
     loop {
-        let stored = fetch_all(&client, &s.api, s.device_prefix.as_deref()).await?;
+        let stored = fetch_all(&client, s.device_prefix.as_deref()).await?;
         let r = report(&stored, &m);
         if r.missing == 0 || Instant::now() >= deadline {
             if r.missing == 0 && s.wait_secs > 0 {
                 // Give stragglers (duplicates that should not exist) a moment to show up.
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                let stored = fetch_all(&client, &s.api, s.device_prefix.as_deref()).await?;
+                let stored = fetch_all(&client, s.device_prefix.as_deref()).await?;
                 return Ok(report(&stored, &m));
             }
             return Ok(r);

@@ -7,6 +7,17 @@ use serde_json::{Map, Value};
 /// Longest accepted `deviceId`, in characters.
 pub const MAX_DEVICE_ID_CHARS: usize = 128;
 
+/// A stored event, as ingest-api's `GET /events` and `POST /event` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub id: i64,
+    #[serde(flatten)]
+    pub event: Event,
+    /// When ingest-api stored it, epoch milliseconds.
+    #[serde(rename = "receivedAt")]
+    pub received_at: i64,
+}
+
 /// One location report from a device. Field names on the wire are the exercise's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

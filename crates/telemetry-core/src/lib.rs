@@ -6,4 +6,4 @@ pub mod event;
 
 pub use batch::{balanced_chunks, Batcher};
 pub use cleanup::{Changes, Cleaner, CleanupConfig, DeviceMark, Outcome, Released, SeenKey};
-pub use event::{parse_batch, Event, EventKey, ParseError, ValidationError};
+pub use event::{parse_batch, Event, EventKey, ParseError, StoredEvent, ValidationError};

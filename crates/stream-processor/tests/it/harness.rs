@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ingest_api::{Application, Settings as ApiSettings};
-use serde_json::{json, Value};
+use load_generator::events::EventsClient;
+use serde_json::json;
 use test_support::{brokers, consume, create_topic, free_port, unique};
 use tokio::sync::oneshot;
 
@@ -85,35 +86,22 @@ impl Sink {
 
     /// Every stored event as (deviceId, ts), in insertion order.
     pub(crate) async fn events(&self) -> Vec<(String, i64)> {
-        let client = reqwest::Client::new();
-        let mut out = Vec::new();
-        for page in 1.. {
-            let url = format!("http://127.0.0.1:{}/events?page={page}&size=1000", self.port);
-            let body: Value = client.get(url).send().await.unwrap().json().await.unwrap();
-            let data = body["data"].as_array().unwrap();
-            if data.is_empty() {
-                break;
-            }
-            out.extend(data.iter().map(|e| {
-                (
-                    e["deviceId"].as_str().unwrap().to_owned(),
-                    e["ts"].as_i64().unwrap(),
-                )
-            }));
-        }
-        out
+        self.client()
+            .all()
+            .await
+            .expect("read every stored event")
+            .into_iter()
+            .map(|e| (e.event.device_id, e.event.ts))
+            .collect()
     }
 
+    fn client(&self) -> EventsClient {
+        EventsClient::new(&format!("http://127.0.0.1:{}", self.port))
+    }
+
+    /// Rows stored (0 while the sink is down).
     pub(crate) async fn count(&self) -> u64 {
-        let url = format!("http://127.0.0.1:{}/events?size=1", self.port);
-        match reqwest::get(url).await {
-            Ok(r) => r
-                .json::<Value>()
-                .await
-                .map(|b| b["total"].as_u64().unwrap_or(0))
-                .unwrap_or(0),
-            Err(_) => 0,
-        }
+        self.client().total().await.unwrap_or(0)
     }
 }
 
