@@ -58,8 +58,13 @@ impl TestApp {
     }
 
     async fn total(&self) -> u64 {
-        let body: Value = self.get("/events?size=1").await.json().await.unwrap();
-        body["total"].as_u64().unwrap()
+        let body: Value = self
+            .get("/events?size=1")
+            .await
+            .json()
+            .await
+            .expect("a JSON body");
+        body["total"].as_u64().expect("total is a count")
     }
 
     /// Stops the server and waits until it has let go of the database.
@@ -68,7 +73,7 @@ impl TestApp {
             let _ = s.send(());
         }
         if let Some(t) = self.task.take() {
-            t.await.unwrap();
+            t.await.expect("the task ran to its end");
         }
         (self.db.clone(), self._dir.take())
     }
@@ -89,7 +94,7 @@ async fn spawn_app_at(
             let _ = stopped.await;
         })
         .await
-        .unwrap();
+        .expect("the server stops cleanly");
     });
     TestApp {
         base: format!("http://127.0.0.1:{port}"),
@@ -106,7 +111,7 @@ async fn spawn_app() -> TestApp {
 }
 
 async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("a temp dir");
     let db = dir.path().join("sub").join("ingest.db");
     spawn_app_at(db, Some(dir), tweak).await
 }
@@ -124,11 +129,11 @@ async fn error_body(resp: reqwest::Response, status: StatusCode) -> Value {
     assert!(
         resp.headers()["content-type"]
             .to_str()
-            .unwrap()
+            .expect("content-type is text")
             .starts_with("application/json"),
         "error bodies are JSON"
     );
-    resp.json().await.unwrap()
+    resp.json().await.expect("a JSON body")
 }
 
 #[tokio::test]
@@ -138,7 +143,7 @@ async fn post_event_stores_it_and_answers_the_row_with_its_id() {
         .post_json("/event", event("dev-1", 1_700_000_000_000).to_string())
         .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
-    let row: Value = resp.json().await.unwrap();
+    let row: Value = resp.json().await.expect("a JSON body");
     assert_eq!(row["id"], 1);
     assert_eq!(row["deviceId"], "dev-1");
     assert_eq!(row["ts"], 1_700_000_000_000i64);
@@ -153,7 +158,7 @@ async fn batch_is_stored_in_order_and_reports_ids() {
     let app = spawn_app().await;
     let resp = app.post_batch(None, batch("d", 10, 5)).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
-    let body: Value = resp.json().await.unwrap();
+    let body: Value = resp.json().await.expect("a JSON body");
     assert_eq!(body, json!({"inserted": 5, "firstId": 1, "lastId": 5}));
     let ts: Vec<i64> = app.all_events().await.iter().map(|e| e.event.ts).collect();
     assert_eq!(ts, vec![10, 11, 12, 13, 14]);
@@ -181,11 +186,11 @@ async fn repeated_idempotency_key_replays_the_first_answer_and_stores_nothing() 
     let first = app.post_batch(Some("batch-1"), body.clone()).await;
     assert_eq!(first.status(), StatusCode::CREATED);
     assert!(first.headers().get("idempotent-replayed").is_none());
-    let first_body = first.text().await.unwrap();
+    let first_body = first.text().await.expect("a text body");
     let again = app.post_batch(Some("batch-1"), body.clone()).await;
     assert_eq!(again.status(), StatusCode::CREATED);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert_eq!(again.text().await.unwrap(), first_body);
+    assert_eq!(again.text().await.expect("a text body"), first_body);
     assert_eq!(app.total().await, 3);
 }
 
@@ -268,7 +273,7 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
         let resp = app.post_json(path, body.clone()).await;
         let json = error_body(resp, StatusCode::BAD_REQUEST).await;
         assert_eq!(json["error"], code, "body {body}");
-        assert!(!json["message"].as_str().unwrap().is_empty());
+        assert!(!json["message"].as_str().expect("message is a string").is_empty());
     }
     let missing = error_body(
         app.post_json("/event", "{\"ts\":1,\"latitude\":0,\"longitude\":0}")
@@ -288,7 +293,7 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
         .body(event("d", 1).to_string())
         .send()
         .await
-        .unwrap();
+        .expect("the request is answered");
     let text = error_body(text, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
     assert_eq!(text["field"], "content-type");
 
@@ -298,7 +303,7 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
         .body(batch("d", 0, 1))
         .send()
         .await
-        .unwrap();
+        .expect("the request is answered");
     assert_eq!(no_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     let bad_utf8 = app.post_json("/event", vec![b'{', 0xff, 0xfe, b'}']).await;
@@ -338,26 +343,41 @@ async fn body_and_batch_limits_answer_413() {
 async fn pages_are_in_insertion_order_with_metadata() {
     let app = spawn_app().await;
     app.post_batch(None, batch("d", 0, 25)).await;
-    let p1: Value = app.get("/events?page=1&size=10").await.json().await.unwrap();
+    let p1: Value = app
+        .get("/events?page=1&size=10")
+        .await
+        .json()
+        .await
+        .expect("a JSON body");
     assert_eq!(p1["total"], 25);
     assert_eq!(p1["totalPages"], 3);
     assert_eq!(p1["page"], 1);
     assert_eq!(p1["size"], 10);
     assert_eq!(p1["hasMore"], true);
-    let p3: Value = app.get("/events?page=3&size=10").await.json().await.unwrap();
+    let p3: Value = app
+        .get("/events?page=3&size=10")
+        .await
+        .json()
+        .await
+        .expect("a JSON body");
     let ts: Vec<i64> = p3["data"]
         .as_array()
-        .unwrap()
+        .expect("data is an array")
         .iter()
-        .map(|e| e["ts"].as_i64().unwrap())
+        .map(|e| e["ts"].as_i64().expect("ts is an integer"))
         .collect();
     assert_eq!(ts, vec![20, 21, 22, 23, 24]);
     assert_eq!(p3["hasMore"], false);
-    let beyond: Value = app.get("/events?page=9&size=10").await.json().await.unwrap();
-    assert_eq!(beyond["data"].as_array().unwrap().len(), 0);
-    let default: Value = app.get("/events").await.json().await.unwrap();
+    let beyond: Value = app
+        .get("/events?page=9&size=10")
+        .await
+        .json()
+        .await
+        .expect("a JSON body");
+    assert_eq!(beyond["data"].as_array().expect("data is an array").len(), 0);
+    let default: Value = app.get("/events").await.json().await.expect("a JSON body");
     assert_eq!(default["size"], 100);
-    assert_eq!(default["data"].as_array().unwrap().len(), 25);
+    assert_eq!(default["data"].as_array().expect("data is an array").len(), 25);
 }
 
 fn ids(page: &Value) -> Vec<i64> {
@@ -471,7 +491,7 @@ async fn health_metrics_and_unknown_routes() {
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
     app.post_batch(Some("m"), batch("d", 0, 3)).await;
     app.post_batch(Some("m"), batch("d", 0, 3)).await;
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.get("/metrics").await.text().await.expect("a text body");
     for name in [
         "ingest_api_http_requests_total{route=\"/events/batch\",method=\"POST\",status=\"201\"}",
         "ingest_api_rows_inserted_total",
@@ -517,7 +537,7 @@ async fn concurrent_clients_with_repeated_keys_store_each_key_once() {
                     .body(batch(&format!("dev-{k}"), 0, BATCH_LEN))
                     .send()
                     .await
-                    .unwrap();
+                    .expect("the request is answered");
                 assert_eq!(resp.status(), StatusCode::CREATED);
                 if resp.headers().get("idempotent-replayed").is_some() {
                     replays += 1;
@@ -529,7 +549,7 @@ async fn concurrent_clients_with_repeated_keys_store_each_key_once() {
     let replays: usize = futures::future::join_all(tasks)
         .await
         .into_iter()
-        .map(|r| r.unwrap())
+        .map(|r| r.expect("a client task ran to its end"))
         .sum();
     assert_eq!(replays, CLIENTS * PER_CLIENT - DISTINCT_KEYS);
     let stored = app.all_events().await;
@@ -559,7 +579,7 @@ async fn data_and_keys_survive_a_restart_on_the_same_file() {
         .await
         .json()
         .await
-        .unwrap();
+        .expect("a JSON body");
     assert_eq!(next["id"], 6);
 }
 

@@ -13,7 +13,7 @@ async fn hostile_input_is_refused_while_valid_events_all_reach_the_topic() {
     let topic = unique("hostile");
     let mut settings = Settings::for_tests(&brokers(), &topic);
     settings.body_timeout_ms = 800;
-    let app = Application::build(settings).await.unwrap();
+    let app = Application::build(settings).await.expect("the app starts");
     let port = app.port();
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     let base = format!("http://127.0.0.1:{port}");
@@ -32,24 +32,24 @@ async fn hostile_input_is_refused_while_valid_events_all_reach_the_topic() {
     }
 
     let valid = test_support::hostile::valid_traffic(base.clone(), 300, 202);
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().expect("a socket address");
     test_support::hostile::run_all(addr, "/event", Duration::from_secs(5)).await;
     test_support::hostile::run_all(addr, "/events/batch", Duration::from_secs(5)).await;
-    valid.await.unwrap();
+    valid.await.expect("the task ran to its end");
 
     assert_eq!(
         client
             .get(format!("{base}/healthz"))
             .send()
             .await
-            .unwrap()
+            .expect("the proxy answers")
             .status(),
         200
     );
     let msgs = consume(&brokers(), &topic, 300, Duration::from_secs(30));
     let ts: HashSet<i64> = msgs
         .iter()
-        .map(|m| payload_json(m)["ts"].as_i64().unwrap())
+        .map(|m| payload_json(m)["ts"].as_i64().expect("ts is an integer"))
         .collect();
     assert_eq!(ts.len(), 300, "every valid event is in the topic");
     assert!(
@@ -63,7 +63,7 @@ async fn with_a_token_set_only_bearers_of_it_may_post() {
     let topic = unique("token");
     let mut settings = Settings::for_tests(&brokers(), &topic);
     settings.ingest_token = Some("s3cret".into());
-    let app = Application::build(settings).await.unwrap();
+    let app = Application::build(settings).await.expect("the app starts");
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     let client = reqwest::Client::new();
@@ -73,10 +73,10 @@ async fn with_a_token_set_only_bearers_of_it_may_post() {
         .json(&ev)
         .send()
         .await
-        .unwrap();
+        .expect("the request is answered");
     assert_eq!(none.status(), 401);
     assert_eq!(
-        none.json::<serde_json::Value>().await.unwrap()["field"],
+        none.json::<serde_json::Value>().await.expect("a JSON body")["field"],
         "authorization"
     );
     let wrong = client
@@ -85,14 +85,14 @@ async fn with_a_token_set_only_bearers_of_it_may_post() {
         .json(&ev)
         .send()
         .await
-        .unwrap();
+        .expect("the request is answered");
     assert_eq!(wrong.status(), 401);
     assert_eq!(
         client
             .get(format!("{base}/healthz"))
             .send()
             .await
-            .unwrap()
+            .expect("the proxy answers")
             .status(),
         200,
         "health stays open"
@@ -105,7 +105,7 @@ async fn with_a_token_set_only_bearers_of_it_may_post() {
             .json(&ev)
             .send()
             .await
-            .unwrap()
+            .expect("the request is answered")
             .status()
             .as_u16();
         if status == 202 {

@@ -40,7 +40,7 @@ impl TestProxy {
             .get(format!("{}/readyz", self.base))
             .send()
             .await
-            .unwrap()
+            .expect("the proxy answers")
             .status()
     }
 
@@ -86,14 +86,20 @@ async fn accepted_event_is_in_the_topic_keyed_by_device() {
     let proxy = spawn_proxy().await;
     let resp = proxy.post_event(&event("dev-42", 1_700_000_000_123)).await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let body: Value = resp.json().await.unwrap();
+    let body: Value = resp.json().await.expect("a JSON body");
     assert_eq!(body["status"], "accepted");
     let msgs = consume(&brokers(), &proxy.topic, 1, Duration::from_secs(20));
     assert_eq!(msgs.len(), 1);
     assert_eq!(key_str(&msgs[0]), "dev-42");
     assert_eq!(payload_json(&msgs[0]), event("dev-42", 1_700_000_000_123));
-    assert_eq!(msgs[0].partition() as i64, body["partition"].as_i64().unwrap());
-    assert_eq!(msgs[0].offset(), body["offset"].as_i64().unwrap());
+    assert_eq!(
+        msgs[0].partition() as i64,
+        body["partition"].as_i64().expect("partition is an integer")
+    );
+    assert_eq!(
+        msgs[0].offset(),
+        body["offset"].as_i64().expect("offset is an integer")
+    );
 }
 
 #[tokio::test]
@@ -115,7 +121,7 @@ async fn one_device_lands_in_one_partition_in_send_order() {
         by_device.entry(key_str(m)).or_default().push((
             m.partition(),
             m.offset(),
-            payload_json(m)["ts"].as_i64().unwrap(),
+            payload_json(m)["ts"].as_i64().expect("ts is an integer"),
         ));
     }
     let mut partitions_used = HashSet::new();
@@ -153,13 +159,13 @@ async fn invalid_input_gets_400_and_nothing_is_produced() {
     for (ct, body, field) in bad {
         let resp = proxy.post("/event", ct, body).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-        let json: Value = resp.json().await.unwrap();
+        let json: Value = resp.json().await.expect("a JSON body");
         assert_eq!(json["field"], field);
     }
     let malformed = proxy.post("/event", "application/json", "{nope").await;
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
     assert_eq!(
-        malformed.json::<Value>().await.unwrap()["error"],
+        malformed.json::<Value>().await.expect("a JSON body")["error"],
         "malformed_json"
     );
     let wrong_type = proxy
@@ -191,10 +197,10 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
         )
         .await;
     assert_eq!(resp.status(), StatusCode::MULTI_STATUS);
-    let body: Value = resp.json().await.unwrap();
+    let body: Value = resp.json().await.expect("a JSON body");
     assert_eq!(body["accepted"], 4);
     assert_eq!(body["invalid"], 1);
-    let results = body["results"].as_array().unwrap();
+    let results = body["results"].as_array().expect("results is an array");
     assert_eq!(results.len(), 5);
     assert_eq!(results[3]["status"], "invalid");
     assert_eq!(results[3]["field"], "longitude");
@@ -207,12 +213,17 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
     let ndjson = format!("{}\n{}\n\n", event("nd-dev", 1), event("nd-dev", 2));
     let resp = proxy.post("/events/batch", "application/x-ndjson", ndjson).await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    assert_eq!(resp.json::<Value>().await.unwrap()["accepted"], 2);
+    assert_eq!(resp.json::<Value>().await.expect("a JSON body")["accepted"], 2);
 
     let msgs = consume(&brokers(), &proxy.topic, 6, Duration::from_secs(20));
     let mut got: Vec<(String, i64)> = msgs
         .iter()
-        .map(|m| (key_str(m), payload_json(m)["ts"].as_i64().unwrap()))
+        .map(|m| {
+            (
+                key_str(m),
+                payload_json(m)["ts"].as_i64().expect("ts is an integer"),
+            )
+        })
         .collect();
     got.sort();
     let mut want: Vec<(String, i64)> = [0, 1, 2, 4]
@@ -237,7 +248,7 @@ async fn full_in_flight_bound_answers_503_with_retry_after() {
         .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
-    let body: Value = resp.json().await.unwrap();
+    let body: Value = resp.json().await.expect("a JSON body");
     assert_eq!(body["unavailable"], 4);
     assert_eq!(
         proxy.post_event(&event("small", 1)).await.status(),
@@ -291,7 +302,7 @@ async fn broker_outage_gives_503_within_the_deadline_and_recovers() {
     let msgs = consume(&broker.address(), &proxy.topic, 2, Duration::from_secs(20));
     let ts: HashSet<i64> = msgs
         .iter()
-        .map(|m| payload_json(m)["ts"].as_i64().unwrap())
+        .map(|m| payload_json(m)["ts"].as_i64().expect("ts is an integer"))
         .collect();
     assert!(
         ts.contains(&1) && ts.contains(&3),
@@ -360,13 +371,13 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
     let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
-        .unwrap();
+        .expect("kill runs");
     assert!(status.success());
-    let exit = child.wait().unwrap();
+    let exit = child.wait().expect("the child exits");
     assert!(exit.success(), "proxy exited with {exit:?} after SIGTERM");
     let mut acked = HashSet::new();
     for s in senders {
-        acked.extend(s.await.unwrap());
+        acked.extend(s.await.expect("the task ran to its end"));
     }
     assert!(
         acked.len() > 50,
@@ -379,8 +390,8 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
         .map(|m| {
             let dev = key_str(m);
             (
-                dev.trim_start_matches("sig-").parse().unwrap(),
-                payload_json(m)["ts"].as_i64().unwrap(),
+                dev.trim_start_matches("sig-").parse().expect("a numbered device"),
+                payload_json(m)["ts"].as_i64().expect("ts is an integer"),
             )
         })
         .collect();
@@ -423,7 +434,7 @@ async fn proxy_accepts_again_after_a_broker_restart_under_load() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in senders {
-        s.await.unwrap();
+        s.await.expect("the task ran to its end");
     }
     let start = Instant::now();
     let mut ts = 1_000_000;

@@ -122,7 +122,7 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind port 0")
         .local_addr()
-        .unwrap()
+        .expect("a bound socket has an address")
         .port()
 }
 

@@ -24,10 +24,10 @@ async fn crafted_stream_reaches_the_sink_exactly_once_in_order_with_late_and_inv
         .iter()
         .filter(|(r, _)| r == "late")
         .map(|(_, p)| {
-            let v: Value = serde_json::from_slice(p).unwrap();
+            let v: Value = serde_json::from_slice(p).expect("a JSON payload");
             (
-                v["deviceId"].as_str().unwrap().to_owned(),
-                v["ts"].as_i64().unwrap(),
+                v["deviceId"].as_str().expect("deviceId is a string").to_owned(),
+                v["ts"].as_i64().expect("ts is an integer"),
             )
         })
         .collect();
@@ -110,7 +110,7 @@ async fn ten_random_kills_during_a_100k_event_stream_lose_and_duplicate_nothing(
         kills += 1;
         h.start_processor(&env);
     }
-    producer.await.unwrap();
+    producer.await.expect("the task ran to its end");
     let total: usize = expected.values().map(Vec::len).sum();
     let stored = h.settle(total, Duration::from_secs(180)).await;
     assert_exactly(&stored, &expected);

@@ -61,7 +61,7 @@ impl Sink {
                 let _ = rx.await;
             })
             .await
-            .unwrap();
+            .expect("the sink stops cleanly");
         });
         self.stop = Some((tx, task));
     }
@@ -76,7 +76,7 @@ impl Sink {
     pub(crate) async fn pause(&mut self) {
         if let Some((tx, task)) = self.stop.take() {
             let _ = tx.send(());
-            task.await.unwrap();
+            task.await.expect("the task ran to its end");
         }
     }
 
