@@ -182,7 +182,7 @@ impl Publisher {
     /// Waits until every produced event is acknowledged or `timeout` passes.
     pub fn flush(&self, timeout: Duration) {
         if let Err(e) = self.current().flush(Timeout::After(timeout)) {
-            tracing::error!(error = %e, "producer flush did not finish; unacknowledged events were answered 503");
+            tracing::warn!(error = %e, "producer flush did not finish; unacknowledged events were answered 503");
         }
     }
 }

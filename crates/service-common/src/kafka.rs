@@ -154,7 +154,7 @@ impl HealingProducer {
         }
         match self.config.create::<rdkafka::producer::FutureProducer>() {
             Ok(fresh) => {
-                tracing::error!(code = ?code, reason = %reason, "producer hit a fatal error; replaced it with a new one");
+                tracing::warn!(code = ?code, reason = %reason, "producer hit a fatal error; replaced it with a new one");
                 *slot = std::sync::Arc::new(fresh);
             }
             Err(e) => {
