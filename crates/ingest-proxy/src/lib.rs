@@ -2,6 +2,7 @@
 //! producer, answering only once the broker has them.
 
 pub mod config;
+pub mod healing;
 mod metrics;
 pub mod publisher;
 pub mod routes;

@@ -1,14 +1,20 @@
-//! HTTP plumbing shared by the pipeline's services, so they answer bad input the same way:
-//! JSON error bodies, bounded body reading, request metrics, tracing and shutdown.
+//! What the pipeline's services share, one module per seam: HTTP (`body`, `error`,
+//! `handlers`: they answer bad input the same way), Kafka (`kafka`: client roles and topic
+//! creation, behind the `kafka` feature), observability (`logging`, `metrics`), `settings` and
+//! `shutdown`.
 
 pub mod body;
 pub mod error;
 pub mod handlers;
 #[cfg(feature = "kafka")]
 pub mod kafka;
-pub mod observe;
+pub mod logging;
+pub mod metrics;
 pub mod settings;
+pub mod shutdown;
 
 pub use body::{read_body, require_json, BodyKind};
 pub use error::ApiError;
-pub use observe::{init_tracing, metrics_handle, shutdown_signal, track_requests, RequestMetrics};
+pub use logging::init_tracing;
+pub use metrics::{metrics_handle, track_requests, RequestMetrics};
+pub use shutdown::shutdown_signal;

@@ -1,4 +1,4 @@
-//! Tracing, the Prometheus recorder, per-route request metrics and the shutdown signal.
+//! The Prometheus recorder and the per-route request metrics shared by the HTTP services.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -16,26 +16,6 @@ const LATENCY_BUCKETS: &[f64] = &[
 const SIZE_BUCKETS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
-
-/// Logs to stdout, one line per event of interest; JSON when `LOG_FORMAT=json`.
-/// Level from `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stdout().is_terminal());
-    let json = std::env::var("LOG_FORMAT").map(|v| v == "json").unwrap_or(false);
-    let result = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-    // A second init (tests spawning several apps) is harmless.
-    let _ = result;
-}
 
 /// How often the recorder's upkeep runs (drains histogram samples into their buckets).
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -128,27 +108,4 @@ fn intern(s: &str) -> &'static str {
             leaked
         }
     }
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
-    tracing::info!("shutdown signal received");
 }
