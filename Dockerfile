@@ -1,7 +1,7 @@
 # One image with all four binaries: ingest-api, ingest-proxy, stream-processor, load-generator.
 # docker-compose.yml picks the binary per service with `command`.
 
-FROM rust:1-bookworm AS builder
+FROM rust:1.95.0-bookworm AS builder
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake pkg-config zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
