@@ -49,7 +49,7 @@ async fn main() {
     let producer: FutureProducer = producer_config(&settings).create().expect("producer");
     let state = Arc::new(Ceiling {
         producer,
-        topic: settings.kafka_topic.clone(),
+        topic: settings.kafka.topic.clone(),
     });
     let app = Router::new().route("/event", post(post_event)).with_state(state);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

@@ -12,18 +12,8 @@ pub struct Settings {
     /// Address to bind.
     #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
     pub bind_addr: String,
-    /// Kafka bootstrap servers, comma separated.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "redpanda:9092")]
-    pub kafka_brokers: String,
-    /// Topic events are published to.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "telemetry-events")]
-    pub kafka_topic: String,
-    /// Partitions of the topic when the proxy creates it.
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
-    pub topic_partitions: i32,
-    /// Replication factor of the topic when the proxy creates it.
-    #[arg(long, env = "TOPIC_REPLICATION", default_value_t = 1)]
-    pub topic_replication: i32,
+    #[command(flatten)]
+    pub kafka: service_common::settings::KafkaArgs,
     /// Most events waiting for a broker acknowledgement at once; past it, 503.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
     pub max_in_flight: usize,
@@ -68,11 +58,11 @@ impl Settings {
     /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests.
     pub fn for_tests(brokers: &str, topic: &str) -> Self {
         let mut s: Settings = service_common::settings::defaults();
-        s.kafka_brokers = brokers.to_owned();
-        s.kafka_topic = topic.to_owned();
+        s.kafka.brokers = brokers.to_owned();
+        s.kafka.topic = topic.to_owned();
         s.port = 0;
         s.bind_addr = "127.0.0.1".into();
-        s.topic_partitions = 3;
+        s.kafka.partitions = 3;
         s
     }
 }

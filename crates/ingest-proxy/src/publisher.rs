@@ -51,7 +51,7 @@ impl std::fmt::Debug for Publisher {
 
 /// The producer configuration DESIGN.md asks for: idempotent, acks=all, murmur2 on the key.
 pub fn producer_config(settings: &Settings) -> ClientConfig {
-    let mut c = service_common::kafka::idempotent_producer(&settings.kafka_brokers);
+    let mut c = service_common::kafka::idempotent_producer(&settings.kafka.brokers);
     c.set("linger.ms", settings.producer_linger_ms.to_string())
         .set("batch.num.messages", settings.producer_batch_messages.to_string())
         .set(
@@ -76,7 +76,7 @@ impl Publisher {
     pub fn new(settings: &Settings) -> Result<Publisher, KafkaError> {
         Ok(Publisher {
             producer: HealingProducer::new(producer_config(settings))?,
-            topic: settings.kafka_topic.clone(),
+            topic: settings.kafka.topic.clone(),
             permits: Arc::new(Semaphore::new(settings.max_in_flight)),
             max_in_flight: settings.max_in_flight,
         })

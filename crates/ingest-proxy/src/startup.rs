@@ -24,6 +24,7 @@ impl Application {
     /// Creates the producer and binds the port (port 0 picks a free one). The topic is created
     /// and the broker watched in the background, so the proxy starts even before the broker.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        settings.kafka.validate().map_err(anyhow::Error::msg)?;
         let publisher = Arc::new(Publisher::new(&settings)?);
         let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
         let _ = service_common::metrics_handle();
@@ -37,8 +38,8 @@ impl Application {
         ));
         tracing::info!(
             addr = %listener.local_addr()?,
-            brokers = %settings.kafka_brokers,
-            topic = %settings.kafka_topic,
+            brokers = %settings.kafka.brokers,
+            topic = %settings.kafka.topic,
             "ingest-proxy listening"
         );
         Ok(Application {
@@ -78,10 +79,10 @@ impl Application {
 /// Creates the topic once the broker answers, then keeps `ready` up to date.
 async fn watch_broker(publisher: Arc<Publisher>, settings: Arc<Settings>, ready: Arc<AtomicBool>) {
     service_common::kafka::ensure_topic_with_retry(
-        &settings.kafka_brokers,
-        &settings.kafka_topic,
-        settings.topic_partitions,
-        settings.topic_replication,
+        &settings.kafka.brokers,
+        &settings.kafka.topic,
+        settings.kafka.partitions,
+        settings.kafka.replication,
     )
     .await;
     let interval = Duration::from_millis(settings.ready_check_interval_ms);

@@ -11,12 +11,8 @@ use crate::failpoint::Step;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "stream-processor", version, about)]
 pub struct Settings {
-    /// Kafka bootstrap servers, comma separated.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "redpanda:9092")]
-    pub kafka_brokers: String,
-    /// Topic to consume.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = "telemetry-events")]
-    pub kafka_topic: String,
+    #[command(flatten)]
+    pub kafka: service_common::settings::KafkaArgs,
     /// The sink: ingest-api's batch endpoint.
     #[arg(
         long,
@@ -41,12 +37,6 @@ pub struct Settings {
     /// Consumer session timeout in milliseconds.
     #[arg(long, env = "SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u64,
-    /// Partitions of the topic (and of the dead-letter topic) when the processor creates them.
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
-    pub topic_partitions: i32,
-    /// Replication factor of the topics the processor creates.
-    #[arg(long, env = "TOPIC_REPLICATION", default_value_t = 1)]
-    pub topic_replication: i32,
     /// The changelog topic holding each partition's state (one changelog partition per input
     /// partition). Default: `<GROUP_ID>-<KAFKA_TOPIC>-changelog`.
     #[arg(long, env = "CHANGELOG_TOPIC")]
@@ -140,7 +130,7 @@ impl Settings {
     pub fn changelog(&self) -> String {
         self.changelog_topic
             .clone()
-            .unwrap_or_else(|| format!("{}-{}-changelog", self.group_id, self.kafka_topic))
+            .unwrap_or_else(|| format!("{}-{}-changelog", self.group_id, self.kafka.topic))
     }
 
     /// Rejects values the processor cannot run with, naming the variable.
@@ -154,9 +144,7 @@ impl Settings {
         if self.dedup_horizon_ms < self.allowed_lateness_ms {
             return Err("DEDUP_HORIZON_MS must be >= ALLOWED_LATENESS_MS".into());
         }
-        if self.topic_partitions < 1 || self.topic_replication < 1 {
-            return Err("TOPIC_PARTITIONS and TOPIC_REPLICATION must be at least 1".into());
-        }
+        self.kafka.validate()?;
         if self.max_outbox_per_partition == 0 {
             return Err("MAX_OUTBOX_PER_PARTITION must be at least 1".into());
         }

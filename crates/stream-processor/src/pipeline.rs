@@ -84,7 +84,7 @@ pub struct Pipeline {
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
-            .field("topic", &self.settings.kafka_topic)
+            .field("topic", &self.settings.kafka.topic)
             .field("partitions", &self.owned.len())
             .finish()
     }
@@ -115,11 +115,11 @@ impl Pipeline {
             writer_prefix,
         } = parts;
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &settings.kafka_brokers)
+            .set("bootstrap.servers", &settings.kafka.brokers)
             .create()
             .context("creating the admin client")?;
         // Each partition's writer adds its `transactional.id` (`txn::transactional_id`).
-        let mut producer_config = service_common::kafka::idempotent_producer(&settings.kafka_brokers);
+        let mut producer_config = service_common::kafka::idempotent_producer(&settings.kafka.brokers);
         producer_config
             .set("linger.ms", "1")
             .set("message.max.bytes", "16777216")
@@ -134,7 +134,7 @@ impl Pipeline {
             health.blocked.clone(),
         );
         let topics = Topics {
-            input: settings.kafka_topic.clone(),
+            input: settings.kafka.topic.clone(),
             changelog: settings.changelog(),
             dlq: settings.dlq_topic.clone(),
         };
@@ -177,7 +177,7 @@ impl Pipeline {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let watcher = tokio::spawn(watch_high_watermarks(
             Arc::clone(self.consumer.as_ref().expect("consumer")),
-            self.settings.kafka_topic.clone(),
+            self.settings.kafka.topic.clone(),
             Arc::clone(&self.high_watermarks),
             self.clock,
         ));
@@ -426,7 +426,7 @@ impl Pipeline {
         };
         let pending = o.core.outbox_len();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.settings.kafka_topic, partition);
+        tpl.add_partition(&self.settings.kafka.topic, partition);
         if !o.paused && pending >= max {
             if consumer.pause(&tpl).is_ok() {
                 o.paused = true;
@@ -562,7 +562,7 @@ impl Pipeline {
     fn resume_partition(&self, p: i32) {
         if let Some(consumer) = self.consumer.as_deref() {
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.settings.kafka_topic, p);
+            tpl.add_partition(&self.settings.kafka.topic, p);
             let _ = consumer.resume(&tpl);
         }
     }
@@ -654,7 +654,7 @@ impl Restorer {
     fn partition_config(&self, p: i32, writer: String) -> PartitionConfig {
         let s = &self.settings;
         PartitionConfig {
-            topic: s.kafka_topic.clone(),
+            topic: s.kafka.topic.clone(),
             partition: p,
             cleanup: s.cleanup(),
             batch_size: s.batch_size,
@@ -678,7 +678,7 @@ impl Restorer {
         let mut config = self.producer_config.clone();
         config.set(
             "transactional.id",
-            txn::transactional_id(&s.group_id, &s.kafka_topic, p),
+            txn::transactional_id(&s.group_id, &s.kafka.topic, p),
         );
         let (topics, cache, admin, consumer, done) = (
             self.topics.clone(),
@@ -701,9 +701,9 @@ impl Restorer {
             }
         };
         let (brokers, changelog, topic) = (
-            s.kafka_brokers.clone(),
+            s.kafka.brokers.clone(),
             self.topics.changelog.clone(),
-            s.kafka_topic.clone(),
+            s.kafka.topic.clone(),
         );
         let timeout = Duration::from_millis(s.restore_timeout_ms);
         let restored = tokio::task::spawn_blocking(move || {
@@ -740,7 +740,7 @@ impl Restorer {
         // every new event below the stored position.
         let regressed = match restored.state.resume_offset {
             Some(resume) if resume > 0 => {
-                let (c, t) = (Arc::clone(&self.consumer), s.kafka_topic.clone());
+                let (c, t) = (Arc::clone(&self.consumer), s.kafka.topic.clone());
                 let (_, high) =
                     tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)))
                         .await?

@@ -47,15 +47,15 @@ impl Application {
         crate::failpoint::arm(settings.failpoint, settings.failpoint_hit);
         let _ = service_common::metrics_handle();
         crate::metrics::init();
-        let cache = StateStore::open(&settings.state_path, &settings.changelog(), &settings.kafka_topic)
+        let cache = StateStore::open(&settings.state_path, &settings.changelog(), &settings.kafka.topic)
             .with_context(|| format!("opening state store {}", settings.state_path.display()))?;
-        let brokers = settings.kafka_brokers.clone();
-        for topic in [&settings.kafka_topic, &settings.dlq_topic] {
+        let brokers = settings.kafka.brokers.clone();
+        for topic in [&settings.kafka.topic, &settings.dlq_topic] {
             service_common::kafka::ensure_topic_with_retry(
                 &brokers,
                 topic,
-                settings.topic_partitions,
-                settings.topic_replication,
+                settings.kafka.partitions,
+                settings.kafka.replication,
             )
             .await;
         }
@@ -71,19 +71,19 @@ impl Application {
                 instance_id.as_deref(),
                 settings.session_timeout_ms,
                 &settings.assignment_strategy,
-                &settings.kafka_topic,
+                &settings.kafka.topic,
                 inputs_tx.clone(),
             )
             .context("creating the consumer")?,
         );
         // The changelog has one partition per input partition.
-        let partitions = partition_count(&consumer, &settings.kafka_topic).await?;
+        let partitions = partition_count(&consumer, &settings.kafka.topic).await?;
         let changelog = settings.changelog();
         service_common::kafka::ensure_topic_with_config_retry(
             &brokers,
             &changelog,
             partitions,
-            settings.topic_replication,
+            settings.kafka.replication,
             &[
                 ("cleanup.policy", "delete"),
                 ("retention.ms", "-1"),
@@ -95,14 +95,14 @@ impl Application {
         .await;
         let changelog_partitions = partition_count(&consumer, &changelog).await?;
         if changelog_partitions < partitions {
-            bail!("changelog topic {changelog} has {changelog_partitions} partitions, fewer than the {partitions} of {}", settings.kafka_topic);
+            bail!("changelog topic {changelog} has {changelog_partitions} partitions, fewer than the {partitions} of {}", settings.kafka.topic);
         }
         let health = Arc::new(Health::default());
         let writer_prefix = format!("{:08x}", rand::rng().random::<u32>());
         let settings = Arc::new(settings);
         tracing::info!(
-            brokers = %settings.kafka_brokers,
-            topic = %settings.kafka_topic,
+            brokers = %settings.kafka.brokers,
+            topic = %settings.kafka.topic,
             changelog = %changelog,
             group = %settings.group_id,
             instance = instance_id.as_deref().unwrap_or("(dynamic)"),
@@ -115,7 +115,7 @@ impl Application {
         let consumer_stop = Arc::new(AtomicBool::new(false));
         consumer::spawn(
             Arc::clone(&consumer),
-            settings.kafka_topic.clone(),
+            settings.kafka.topic.clone(),
             inputs_tx,
             Arc::clone(&consumer_stop),
         )
