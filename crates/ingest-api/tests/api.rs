@@ -57,13 +57,12 @@ impl TestApp {
             .expect("read every stored event")
     }
 
+    async fn get_json(&self, path_and_query: &str) -> Value {
+        self.get(path_and_query).await.json().await.expect("a JSON body")
+    }
+
     async fn total(&self) -> u64 {
-        let body: Value = self
-            .get("/events?size=1")
-            .await
-            .json()
-            .await
-            .expect("a JSON body");
+        let body: Value = self.get_json("/events?size=1").await;
         body["total"].as_u64().expect("total is a count")
     }
 
@@ -343,23 +342,13 @@ async fn body_and_batch_limits_answer_413() {
 async fn pages_are_in_insertion_order_with_metadata() {
     let app = spawn_app().await;
     app.post_batch(None, batch("d", 0, 25)).await;
-    let p1: Value = app
-        .get("/events?page=1&size=10")
-        .await
-        .json()
-        .await
-        .expect("a JSON body");
+    let p1: Value = app.get_json("/events?page=1&size=10").await;
     assert_eq!(p1["total"], 25);
     assert_eq!(p1["totalPages"], 3);
     assert_eq!(p1["page"], 1);
     assert_eq!(p1["size"], 10);
     assert_eq!(p1["hasMore"], true);
-    let p3: Value = app
-        .get("/events?page=3&size=10")
-        .await
-        .json()
-        .await
-        .expect("a JSON body");
+    let p3: Value = app.get_json("/events?page=3&size=10").await;
     let ts: Vec<i64> = p3["data"]
         .as_array()
         .expect("data is an array")
@@ -368,14 +357,9 @@ async fn pages_are_in_insertion_order_with_metadata() {
         .collect();
     assert_eq!(ts, vec![20, 21, 22, 23, 24]);
     assert_eq!(p3["hasMore"], false);
-    let beyond: Value = app
-        .get("/events?page=9&size=10")
-        .await
-        .json()
-        .await
-        .expect("a JSON body");
+    let beyond: Value = app.get_json("/events?page=9&size=10").await;
     assert_eq!(beyond["data"].as_array().expect("data is an array").len(), 0);
-    let default: Value = app.get("/events").await.json().await.expect("a JSON body");
+    let default: Value = app.get_json("/events").await;
     assert_eq!(default["size"], 100);
     assert_eq!(default["data"].as_array().expect("data is an array").len(), 25);
 }

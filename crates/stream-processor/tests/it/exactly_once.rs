@@ -212,14 +212,7 @@ async fn a_sink_that_refuses_batches_blocks_delivery_and_loses_nothing() {
         Duration::from_secs(60),
     )
     .await;
-    let start = Instant::now();
-    while h.readyz(MAIN).await != 503 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "/readyz reports the blocked sink"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.wait_unready(MAIN, "the blocked sink").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(h.sink.count().await, 0, "nothing reached the sink");
     h.signal(MAIN, "TERM");
@@ -305,14 +298,7 @@ async fn a_topic_log_that_ends_before_the_committed_position_stops_the_partition
         Duration::from_secs(60),
     )
     .await;
-    let start = Instant::now();
-    while h.readyz(MAIN).await != 503 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "/readyz reports the stopped partition"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.wait_unready(MAIN, "the stopped partition").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         h.sink.count().await as usize,

@@ -210,6 +210,18 @@ impl Harness {
         }
     }
 
+    /// Waits up to 20 s until `name`'s `/readyz` answers 503; `what` says why it should.
+    pub(crate) async fn wait_unready(&self, name: &str, what: &str) {
+        let start = Instant::now();
+        while self.readyz(name).await != 503 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "/readyz reports {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until `name`'s logs contain `needle` `times` times.
     pub(crate) async fn wait_log(&self, name: &str, needle: &str, times: usize, within: Duration) {
         let start = Instant::now();
