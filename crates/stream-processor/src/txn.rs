@@ -103,14 +103,14 @@ impl TxnWriter {
             .name(format!("txn-{partition}"))
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    let plan = match job {
+                    let mut plan = match job {
                         Job::Base(position) => {
                             thread.last = position;
                             continue;
                         }
                         Job::Checkpoint(plan) => plan,
                     };
-                    let outcome = thread.checkpoint(&plan);
+                    let outcome = thread.checkpoint(&mut plan);
                     let stop = !matches!(outcome, TxnOutcome::Committed { .. });
                     if done.send((partition, generation, outcome)).is_err() || stop {
                         return;
@@ -157,7 +157,8 @@ fn classify(e: KafkaError) -> Failure {
 }
 
 impl Writer {
-    fn checkpoint(&mut self, plan: &CheckpointPlan) -> TxnOutcome {
+    /// Commits `plan` (retrying); once committed, its encoded records move to the cache.
+    fn checkpoint(&mut self, plan: &mut CheckpointPlan) -> TxnOutcome {
         let start = Instant::now();
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {
@@ -175,7 +176,7 @@ impl Writer {
                     self.cache.apply(
                         self.partition,
                         Committed {
-                            encoded: plan.encoded.clone(),
+                            encoded: std::mem::take(&mut plan.encoded),
                             snapshot: plan.snapshot,
                             commit_offset,
                             commit_id,
