@@ -277,8 +277,11 @@ impl Partition {
     pub fn on_tick(&mut self, now: u64, quiet_at: Option<u64>) -> Actions {
         if !self.stopped {
             if let Some(at) = quiet_at {
-                // Nothing unread: whatever was decided before has been read again.
-                self.take_new_settings();
+                // Nothing unread and everything decided before read again (a stale "quiet"
+                // must not switch the settings early).
+                if self.switch_at.is_some_and(|(at, _)| self.next_offset >= at) {
+                    self.take_new_settings();
+                }
                 self.cleaner.tick(at);
             }
             self.take_released(now);
@@ -884,6 +887,11 @@ mod tests {
         strict.cleanup.allowed_lateness_ms = 10;
         let mut q = Partition::restore(strict, state.clone(), 0, 0);
         assert!(q.replays_with_committed_settings());
+        q.on_tick(1, Some(1));
+        assert!(
+            q.replays_with_committed_settings(),
+            "a quiet tick before the decided offset was read again (a stale high watermark) does not switch"
+        );
         let mut again = state.clone();
         let mut letters = Vec::new();
         for (o, ts) in [(0, 1000), (1, 1050), (2, 1070), (3, 1055)] {

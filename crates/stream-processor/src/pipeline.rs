@@ -457,7 +457,8 @@ impl Pipeline {
             self.high_watermarks
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(p, (-1, 0));
+                // Stamped now: a fetch that began before this assignment cannot land in it.
+                .insert(p, (-1, now));
             let mut owned = Owned {
                 generation,
                 core,
@@ -801,7 +802,8 @@ async fn watch_high_watermarks(
                 tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(1))).await;
             if let Ok(Ok((_, high))) = fetched {
                 let mut marks = marks.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(slot) = marks.get_mut(&p) {
+                // Only onto a slot older than this fetch (not one reset by a newer assignment).
+                if let Some(slot) = marks.get_mut(&p).filter(|s| s.1 <= asked_at) {
                     *slot = (high, asked_at);
                 }
             }
