@@ -16,7 +16,8 @@ pub fn idempotent_producer(brokers: &str) -> ClientConfig {
     c.set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("partitioner", "murmur2_random");
+        .set("partitioner", "murmur2_random")
+        .set("compression.type", "lz4");
     c
 }
 

@@ -285,8 +285,16 @@ async fn main() {
         ],
         &dir.join("processor.log"),
     );
+    // When the sink first held an event, and when it held 90% of them.
+    let (mut first_stored, mut ninety) = (None, None);
     loop {
         let t = total(&base).await as usize;
+        if t > 0 && first_stored.is_none() {
+            first_stored = Some(start.elapsed().as_secs_f64());
+        }
+        if t * 10 >= distinct * 9 && ninety.is_none() {
+            ninety = Some(start.elapsed().as_secs_f64());
+        }
         if t >= distinct {
             break;
         }
@@ -318,9 +326,22 @@ async fn main() {
             value("stream_processor_sink_request_duration_seconds_sum"),
         );
     }
+    let cpu = cpu_seconds(proc.id());
     let _ = proc.kill();
     let _ = api.kill();
     println!("processor drain into ingest-api    {proc_rate:>10.0} events/s  ({drain:.1} s, from process start, idle flush {idle} ms)");
+    if let (Some(a), Some(b)) = (first_stored, ninety) {
+        println!(
+            "  of which: first event stored at {a:.1} s, 90% stored at {b:.1} s ({:.0} events/s between)",
+            (distinct as f64 * 0.9) / (b - a).max(1e-3)
+        );
+    }
+    if let Some(cpu) = cpu {
+        println!(
+            "processor CPU (user+sys)           {cpu:>10.2} s  ({:.1} us/event)",
+            cpu * 1e6 / events.len() as f64
+        );
+    }
     let floor = consume_rate.min(sink_rate);
     println!(
         "ratio processor / min(raw consume, raw sink) = {:.2} (target >= 0.50)",
@@ -332,6 +353,16 @@ async fn main() {
     tokio::task::spawn_blocking(move || restore_bench(&brokers, &topic, &dir, keys))
         .await
         .expect("restore bench");
+}
+
+/// User plus system CPU time of a process so far (Linux `/proc`), in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// Writes one partition's state with `keys` dedup keys (1,000 devices) as a committed snapshot

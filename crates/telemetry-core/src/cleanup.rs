@@ -16,7 +16,7 @@
 //! changed devices are listed as they change, waiting ones are indexed, and eviction candidates
 //! are bucketed by the event time of their newest event.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::Event;
 
@@ -287,7 +287,7 @@ impl Cleaner {
         }
         let id = event.device_id.clone();
         device.buffer.insert(event.ts, (event, offset));
-        *self.out.offsets.entry(offset).or_insert(0) += 1;
+        self.out.offsets.add(offset);
         self.out.buffered += 1;
         let watermark = device.watermark(lateness);
         self.out.release_through(&id, device, watermark, horizon);
@@ -378,7 +378,7 @@ impl Cleaner {
 
     /// Lowest offset of any event still in a reorder buffer.
     pub fn min_buffered_offset(&self) -> Option<i64> {
-        self.out.offsets.keys().next().copied()
+        self.out.offsets.min()
     }
 
     /// State changes since the last call (for a checkpoint).
@@ -458,7 +458,7 @@ struct Outputs {
     released: Vec<Released>,
     new_keys: Vec<SeenKey>,
     /// Offsets of buffered events (multiset), for the resume offset.
-    offsets: BTreeMap<i64, u32>,
+    offsets: OffsetCounts,
     buffered: usize,
     seen: usize,
     /// Devices changed since the last `take_changes`.
@@ -471,26 +471,22 @@ impl Outputs {
     /// Moves the device's buffered events with `ts <= through` out, in ts order, records their
     /// identities, and prunes identities that fell out of the horizon.
     fn release_through(&mut self, id: &str, device: &mut Device, through: i64, horizon: i64) {
-        let keep = match through.checked_add(1) {
-            Some(bound) => device.buffer.split_off(&bound),
-            None => BTreeMap::new(),
-        };
-        let out = std::mem::replace(&mut device.buffer, keep);
-        let released_any = !out.is_empty();
-        for (ts, (event, offset)) in out {
-            if let Some(n) = self.offsets.get_mut(&offset) {
-                *n -= 1;
-                if *n == 0 {
-                    self.offsets.remove(&offset);
-                }
+        let mut released_any = false;
+        // Most calls release one event or none: take them off the front, one at a time.
+        while let Some(entry) = device.buffer.first_entry() {
+            if *entry.key() > through {
+                break;
             }
+            let (ts, (event, offset)) = entry.remove_entry();
+            released_any = true;
+            self.offsets.remove(offset);
             self.buffered -= 1;
             let bits = (event.latitude.to_bits(), event.longitude.to_bits());
             if device.seen.insert(ts, bits).is_none() {
                 self.seen += 1;
             }
             self.new_keys.push(SeenKey {
-                device_id: event.device_id.clone(),
+                device_id: id.to_owned(),
                 ts,
                 latitude_bits: bits.0,
                 longitude_bits: bits.1,
@@ -513,6 +509,66 @@ impl Outputs {
             device.listed = true;
             self.changed.push(id.to_owned());
         }
+    }
+}
+
+/// A multiset of offsets: a bitset from the lowest one on (64 offsets a word), plus the few
+/// offsets held more than once. Offsets arrive in increasing order and leave roughly in it, so
+/// adding and removing cost O(1) and the memory is a bit per offset between the lowest buffered
+/// event and the newest (a `BTreeMap` cost O(log n) and an allocation now and then, per event).
+#[derive(Debug, Default)]
+struct OffsetCounts {
+    /// Offset of bit 0 of `words[0]` (a multiple of 64); the front word is never zero.
+    base: i64,
+    words: VecDeque<u64>,
+    /// Offsets added again while their bit was set: how many times more.
+    extra: HashMap<i64, u32>,
+}
+
+impl OffsetCounts {
+    fn add(&mut self, offset: i64) {
+        let word_base = offset.div_euclid(64) * 64;
+        if self.words.is_empty() {
+            self.base = word_base;
+        }
+        while word_base < self.base {
+            self.words.push_front(0);
+            self.base -= 64;
+        }
+        let i = ((word_base - self.base) / 64) as usize;
+        if i >= self.words.len() {
+            self.words.resize(i + 1, 0);
+        }
+        let bit = 1u64 << offset.rem_euclid(64);
+        if self.words[i] & bit != 0 {
+            *self.extra.entry(offset).or_insert(0) += 1;
+        } else {
+            self.words[i] |= bit;
+        }
+    }
+
+    fn remove(&mut self, offset: i64) {
+        if let Some(n) = self.extra.get_mut(&offset) {
+            *n -= 1;
+            if *n == 0 {
+                self.extra.remove(&offset);
+            }
+            return;
+        }
+        let Ok(i) = usize::try_from((offset.div_euclid(64) * 64 - self.base) / 64) else {
+            return;
+        };
+        let Some(word) = self.words.get_mut(i) else { return };
+        *word &= !(1u64 << offset.rem_euclid(64));
+        while self.words.front() == Some(&0) {
+            self.words.pop_front();
+            self.base += 64;
+        }
+    }
+
+    fn min(&self) -> Option<i64> {
+        let front = self.words.front()?;
+        Some(self.base + i64::from(front.trailing_zeros()))
     }
 }
 
@@ -791,6 +847,34 @@ mod tests {
         let mut want: Vec<(String, i64)> = distinct.iter().map(|e| (e.device_id.clone(), e.ts)).collect();
         want.sort();
         assert_eq!(got, want);
+    }
+
+    proptest! {
+        /// The offset multiset agrees with a plain counted map under any adds and removes of
+        /// held offsets, repeated ones and ones below the lowest included.
+        #[test]
+        fn offset_counts_behave_like_a_counted_map(
+            ops in proptest::collection::vec((any::<bool>(), -200i64..2_000), 1..400),
+        ) {
+            let mut counts = OffsetCounts::default();
+            let mut model: BTreeMap<i64, u32> = BTreeMap::new();
+            for (add, offset) in ops {
+                if add || model.is_empty() {
+                    counts.add(offset);
+                    *model.entry(offset).or_insert(0) += 1;
+                } else {
+                    // Remove one that is held (the cleaner never removes others).
+                    let held = *model.keys().nth(offset.unsigned_abs() as usize % model.len()).expect("held");
+                    counts.remove(held);
+                    let n = model.get_mut(&held).expect("held");
+                    *n -= 1;
+                    if *n == 0 {
+                        model.remove(&held);
+                    }
+                }
+                prop_assert_eq!(counts.min(), model.keys().next().copied());
+            }
+        }
     }
 
     proptest! {
