@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use serde_json::json;
-use service_common::{read_body, require_json, ApiError};
+use service_common::{require_json, ApiError};
 use sha2::{Digest, Sha256};
 use telemetry_core::{parse_batch, Event};
 
@@ -76,7 +76,7 @@ async fn post_event(
     body: Body,
 ) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
-    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
+    let bytes = state.settings.http.read_body(body).await?;
     let event = Event::from_json(&bytes)?;
     let stored = state.store.insert_one(event).await.map_err(store_error)?;
     Ok((StatusCode::CREATED, Json(stored)).into_response())
@@ -110,13 +110,13 @@ async fn post_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     require_json(&headers, false)?;
-    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
+    let bytes = state.settings.http.read_body(body).await?;
     let key = idempotency_key(&headers, &bytes)?;
     let events = parse_batch(&bytes)?;
     // The length limit is checked by the store after the key: a replay is answered at any length.
     let receipt = state
         .store
-        .insert_batch(events, key, state.settings.max_batch_len)
+        .insert_batch(events, key, state.settings.http.max_batch_len)
         .await
         .map_err(store_error)?;
     let status = StatusCode::from_u16(receipt.status).unwrap_or(StatusCode::CREATED);

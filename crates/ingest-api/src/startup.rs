@@ -32,7 +32,7 @@ impl Application {
             Duration::from_millis(settings.idempotency_prune_interval_ms.max(1)),
         )
         .map_err(|e| std::io::Error::other(format!("starting the key pruner: {e}")))?;
-        let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
+        let listener = settings.http.bind().await?;
         // Make the metric families exist from the start.
         let _ = service_common::metrics_handle();
         crate::metrics::init();
@@ -64,7 +64,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let timeout = Duration::from_millis(self.state.settings.request_timeout_ms);
+        let timeout = self.state.settings.http.request_timeout();
         let app = router(self.state).layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,

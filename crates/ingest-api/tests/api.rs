@@ -317,8 +317,8 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
 #[tokio::test]
 async fn body_and_batch_limits_answer_413() {
     let app = spawn_app_with(|s| {
-        s.max_body_bytes = 4096;
-        s.max_batch_len = 10;
+        s.http.max_body_bytes = 4096;
+        s.http.max_batch_len = 10;
     })
     .await;
     let big = app.post_batch(None, batch("d", 0, 100)).await; // ~7 KB
@@ -573,7 +573,7 @@ async fn a_stored_batch_is_replayed_after_the_length_limit_is_lowered_not_refuse
     let stored = app.post_batch(Some("long-key"), batch("b", 0, 8)).await;
     assert_eq!(stored.status(), StatusCode::CREATED);
     let (db, dir) = app.stop().await;
-    let app = spawn_app_at(db, dir, |s| s.max_batch_len = 4).await;
+    let app = spawn_app_at(db, dir, |s| s.http.max_batch_len = 4).await;
     let replay = app.post_batch(Some("long-key"), batch("b", 0, 8)).await;
     assert_eq!(
         replay.status(),

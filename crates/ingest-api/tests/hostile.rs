@@ -10,7 +10,7 @@ use serde_json::Value;
 async fn hostile_input_is_refused_while_valid_events_are_all_stored() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut settings = Settings::for_tests(dir.path().join("api.db"));
-    settings.body_timeout_ms = 800;
+    settings.http.body_timeout_ms = 800;
     let app = Application::build(settings).await.expect("the app starts");
     let port = app.port();
     tokio::spawn(app.run_until_stopped(std::future::pending()));

@@ -1,17 +1,25 @@
-//! Settings for ingest-proxy: every environment variable, its default and meaning, in one place.
+//! Settings for ingest-proxy: every environment variable, its default and meaning, in one place
+//! (those it shares with ingest-api are declared once in `HttpArgs`; their defaults that differ
+//! between the two are given here).
 
 use clap::Parser;
+use service_common::settings::{HttpArgs, HttpDefaults};
+
+/// ingest-proxy's defaults of the `HttpArgs` that differ between the services (kept as each
+/// shipped them). A proxy request waits for its body, then up to `PRODUCE_TIMEOUT_MS`
+/// for the broker's acknowledgement, hence the longer request timeout.
+pub const HTTP_DEFAULTS: HttpDefaults = HttpDefaults {
+    port: 4000,
+    max_body_bytes: 4 * 1024 * 1024,
+    request_timeout_ms: 15_000,
+};
 
 /// ingest-proxy: accepts telemetry events over HTTP and publishes them to a Kafka topic.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ingest-proxy", version, about)]
+#[command(name = "ingest-proxy", version, about, mut_args = |arg| HTTP_DEFAULTS.apply(arg))]
 pub struct Settings {
-    /// TCP port to listen on.
-    #[arg(long, env = "PORT", default_value_t = 4000)]
-    pub port: u16,
-    /// Address to bind.
-    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
-    pub bind_addr: String,
+    #[command(flatten)]
+    pub http: HttpArgs,
     #[command(flatten)]
     pub kafka: service_common::settings::KafkaArgs,
     /// Most events waiting for a broker acknowledgement at once; past it, 503.
@@ -29,18 +37,6 @@ pub struct Settings {
     /// `Retry-After` seconds sent with a 503.
     #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = 1)]
     pub retry_after_secs: u64,
-    /// Largest accepted request body in bytes (larger answers 413).
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
-    pub max_body_bytes: usize,
-    /// Most events in one `POST /events/batch` (more answers 413).
-    #[arg(long, env = "MAX_BATCH_LEN", default_value_t = 10_000)]
-    pub max_batch_len: usize,
-    /// Longest wait for a request body to arrive, in milliseconds (then 408).
-    #[arg(long, env = "BODY_TIMEOUT_MS", default_value_t = 5_000)]
-    pub body_timeout_ms: u64,
-    /// Longest a request may take, body included, in milliseconds (then 408).
-    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 15_000)]
-    pub request_timeout_ms: u64,
     /// When set, `POST` requests must carry `Authorization: Bearer <token>` (else 401).
     /// Unset means open, as the exercise has it.
     #[arg(long, env = "INGEST_TOKEN", hide_env_values = true)]
@@ -51,18 +47,30 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn body_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.body_timeout_ms)
-    }
-
     /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests.
     pub fn for_tests(brokers: &str, topic: &str) -> Self {
         let mut s: Settings = service_common::settings::defaults();
         s.kafka.brokers = brokers.to_owned();
         s.kafka.topic = topic.to_owned();
-        s.port = 0;
-        s.bind_addr = "127.0.0.1".into();
+        s.http.port = 0;
+        s.http.bind_addr = "127.0.0.1".into();
         s.kafka.partitions = 3;
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http_defaults_are_the_proxys_own() {
+        let s: Settings = service_common::settings::defaults();
+        assert_eq!(s.http.port, 4000);
+        assert_eq!(s.http.bind_addr, "0.0.0.0");
+        assert_eq!(s.http.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(s.http.max_batch_len, 10_000);
+        assert_eq!(s.http.body_timeout_ms, 5_000);
+        assert_eq!(s.http.request_timeout_ms, 15_000);
     }
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use serde_json::{json, Value};
-use service_common::{read_body, require_json, ApiError, BodyKind};
+use service_common::{require_json, ApiError, BodyKind};
 use telemetry_core::{Event, ParseError};
 
 use crate::publisher::{Ack, PublishError, Publisher};
@@ -112,7 +112,7 @@ async fn post_event(
     // The request itself rather than a `HeaderMap` extractor, which would copy every header.
     let (parts, body) = req.into_parts();
     require_json(&parts.headers, false)?;
-    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
+    let bytes = state.settings.http.read_body(body).await?;
     let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events("invalid", 1))?;
     let result = state
         .publisher
@@ -185,16 +185,16 @@ async fn post_batch(
     body: Body,
 ) -> Result<Response, ApiError> {
     let kind = require_json(&headers, true)?;
-    let bytes = read_body(body, state.settings.max_body_bytes, state.settings.body_timeout()).await?;
+    let bytes = state.settings.http.read_body(body).await?;
     let items = parse_items(&bytes, kind)?;
-    if items.len() > state.settings.max_batch_len {
+    if items.len() > state.settings.http.max_batch_len {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
             format!(
                 "batch has {} events, the limit is {}",
                 items.len(),
-                state.settings.max_batch_len
+                state.settings.http.max_batch_len
             ),
         ));
     }

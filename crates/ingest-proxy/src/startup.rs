@@ -26,7 +26,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         settings.kafka.validate().map_err(anyhow::Error::msg)?;
         let publisher = Arc::new(Publisher::new(&settings)?);
-        let listener = TcpListener::bind((settings.bind_addr.as_str(), settings.port)).await?;
+        let listener = settings.http.bind().await?;
         let _ = service_common::metrics_handle();
         crate::metrics::init();
         let ready = Arc::new(AtomicBool::new(false));
@@ -58,7 +58,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let timeout = Duration::from_millis(self.state.settings.request_timeout_ms);
+        let timeout = self.state.settings.http.request_timeout();
         let publisher = Arc::clone(&self.state.publisher);
         let flush_for = Duration::from_millis(self.state.settings.produce_timeout_ms);
         let app = router(self.state).layer(TimeoutLayer::with_status_code(

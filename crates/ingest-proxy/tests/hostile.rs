@@ -12,7 +12,7 @@ use test_support::{brokers, consume, payload_json, unique};
 async fn hostile_input_is_refused_while_valid_events_all_reach_the_topic() {
     let topic = unique("hostile");
     let mut settings = Settings::for_tests(&brokers(), &topic);
-    settings.body_timeout_ms = 800;
+    settings.http.body_timeout_ms = 800;
     let app = Application::build(settings).await.expect("the app starts");
     let port = app.port();
     tokio::spawn(app.run_until_stopped(std::future::pending()));

@@ -38,9 +38,9 @@ impl Sink {
 
     pub(crate) async fn resume(&mut self) {
         let mut settings = ApiSettings::for_tests(self.db.clone());
-        settings.port = self.port;
+        settings.http.port = self.port;
         if let Some(n) = self.max_batch_len {
-            settings.max_batch_len = n;
+            settings.http.max_batch_len = n;
         }
         let start = Instant::now();
         let app = loop {
