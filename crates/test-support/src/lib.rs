@@ -4,6 +4,7 @@
 
 pub mod hostile;
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -115,6 +116,45 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         let _ = run_broker_script("stop", Some(self.port), Some(&self.data.0));
     }
+}
+
+/// A child process, killed and reaped when dropped, so a test that fails leaves none behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` to its end and returns what it printed (less than a pipe holds, 64 KiB); kills it
+/// and panics when it has not ended `within` (a binary that ignored `--help` would serve on).
+pub fn output_within(cmd: &mut Command, within: Duration) -> std::process::Output {
+    let mut child = KillOnDrop(
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the command starts"),
+    );
+    let start = Instant::now();
+    while child.0.try_wait().expect("the child can be polled").is_none() {
+        assert!(start.elapsed() < within, "{cmd:?} did not end within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = std::process::Output {
+        status: child.0.wait().expect("the child has ended"),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    if let Some(mut stdout) = child.0.stdout.take() {
+        stdout.read_to_end(&mut out.stdout).expect("read stdout");
+    }
+    if let Some(mut stderr) = child.0.stderr.take() {
+        stderr.read_to_end(&mut out.stderr).expect("read stderr");
+    }
+    out
 }
 
 /// A TCP port that was free a moment ago.

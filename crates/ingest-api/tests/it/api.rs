@@ -1,139 +1,9 @@
 //! ingest-api through real HTTP on port 0 and a real SQLite file.
 
-use std::path::PathBuf;
-
-use ingest_api::{Application, Settings};
-use load_generator::events::EventsClient;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use telemetry_core::StoredEvent;
-use tokio::sync::oneshot;
 
-struct TestApp {
-    base: String,
-    client: reqwest::Client,
-    db: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl TestApp {
-    async fn post_json(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("request failed")
-    }
-
-    async fn post_batch(&self, key: Option<&str>, body: String) -> reqwest::Response {
-        let mut req = self
-            .client
-            .post(format!("{}/events/batch", self.base))
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(k) = key {
-            req = req.header("Idempotency-Key", k);
-        }
-        req.send().await.expect("request failed")
-    }
-
-    async fn get(&self, path_and_query: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path_and_query}", self.base))
-            .send()
-            .await
-            .expect("request failed")
-    }
-
-    /// Every stored event, read through `GET /events` with the shared typed client.
-    async fn all_events(&self) -> Vec<StoredEvent> {
-        EventsClient::new(&self.base)
-            .all()
-            .await
-            .expect("read every stored event")
-    }
-
-    async fn get_json(&self, path_and_query: &str) -> Value {
-        self.get(path_and_query).await.json().await.expect("a JSON body")
-    }
-
-    async fn total(&self) -> u64 {
-        let body: Value = self.get_json("/events?size=1").await;
-        body["total"].as_u64().expect("total is a count")
-    }
-
-    /// Stops the server and waits until it has let go of the database.
-    async fn stop(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.expect("the task ran to its end");
-        }
-        (self.db.clone(), self._dir.take())
-    }
-}
-
-async fn spawn_app_at(
-    db: PathBuf,
-    dir: Option<tempfile::TempDir>,
-    tweak: impl FnOnce(&mut Settings),
-) -> TestApp {
-    let mut settings = Settings::for_tests(db.clone());
-    tweak(&mut settings);
-    let app = Application::build(settings).await.expect("app builds");
-    let port = app.port();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        app.run_until_stopped(async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("the server stops cleanly");
-    });
-    TestApp {
-        base: format!("http://127.0.0.1:{port}"),
-        client: reqwest::Client::new(),
-        db,
-        stop: Some(stop),
-        task: Some(task),
-        _dir: dir,
-    }
-}
-
-async fn spawn_app() -> TestApp {
-    spawn_app_with(|_| {}).await
-}
-
-async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let db = dir.path().join("sub").join("ingest.db");
-    spawn_app_at(db, Some(dir), tweak).await
-}
-
-fn event(device: &str, ts: i64) -> Value {
-    json!({"deviceId": device, "ts": ts, "latitude": 37.77, "longitude": -122.41})
-}
-
-fn batch(device: &str, from: i64, len: i64) -> String {
-    Value::Array((from..from + len).map(|ts| event(device, ts)).collect()).to_string()
-}
-
-async fn error_body(resp: reqwest::Response, status: StatusCode) -> Value {
-    assert_eq!(resp.status(), status, "unexpected status");
-    assert!(
-        resp.headers()["content-type"]
-            .to_str()
-            .expect("content-type is text")
-            .starts_with("application/json"),
-        "error bodies are JSON"
-    );
-    resp.json().await.expect("a JSON body")
-}
+use crate::helpers::{batch, error_body, event, spawn_app, spawn_app_at, spawn_app_with};
 
 #[tokio::test]
 async fn post_event_stores_it_and_answers_the_row_with_its_id() {
@@ -161,21 +31,6 @@ async fn batch_is_stored_in_order_and_reports_ids() {
     assert_eq!(body, json!({"inserted": 5, "firstId": 1, "lastId": 5}));
     let ts: Vec<i64> = app.all_events().await.iter().map(|e| e.event.ts).collect();
     assert_eq!(ts, vec![10, 11, 12, 13, 14]);
-}
-
-#[tokio::test]
-async fn batch_with_one_bad_item_stores_nothing_and_names_item_and_field() {
-    let app = spawn_app().await;
-    let mut items: Vec<Value> = (0..3).map(|ts| event("d", ts)).collect();
-    items[2]["longitude"] = json!(181);
-    let body = error_body(
-        app.post_batch(None, Value::Array(items).to_string()).await,
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    assert_eq!(body["field"], "longitude");
-    assert_eq!(body["index"], 2);
-    assert_eq!(app.total().await, 0);
 }
 
 #[tokio::test]
@@ -210,132 +65,12 @@ async fn key_reused_with_another_body_is_refused() {
 }
 
 #[tokio::test]
-async fn invalid_idempotency_key_is_refused() {
-    let app = spawn_app().await;
-    let body = error_body(
-        app.post_batch(Some(&"k".repeat(300)), batch("d", 0, 1)).await,
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    assert_eq!(body["field"], "Idempotency-Key");
-    assert_eq!(app.total().await, 0);
-}
-
-#[tokio::test]
 async fn batch_without_key_is_a_plain_insert_each_time() {
     let app = spawn_app().await;
     let body = batch("d", 0, 2);
     app.post_batch(None, body.clone()).await;
     app.post_batch(None, body).await;
     assert_eq!(app.total().await, 4);
-}
-
-#[tokio::test]
-async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
-    let app = spawn_app().await;
-    let cases: Vec<(&str, String, &str)> = vec![
-        ("/event", "{\"deviceId\":".into(), "malformed_json"),
-        (
-            "/event",
-            "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":NaN,\"longitude\":0}".into(),
-            "malformed_json",
-        ),
-        (
-            "/event",
-            "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":1e999,\"longitude\":0}".into(),
-            "malformed_json",
-        ),
-        ("/event", "[1,2]".into(), "invalid_event"),
-        (
-            "/event",
-            "{\"ts\":1,\"latitude\":0,\"longitude\":0}".into(),
-            "invalid_event",
-        ),
-        (
-            "/event",
-            "{\"deviceId\":\"d\",\"ts\":\"now\",\"latitude\":0,\"longitude\":0}".into(),
-            "invalid_event",
-        ),
-        (
-            "/event",
-            "{\"deviceId\":\"d\",\"ts\":1,\"latitude\":-91,\"longitude\":0}".into(),
-            "invalid_event",
-        ),
-        ("/events/batch", "{\"not\":\"an array\"}".into(), "invalid_body"),
-        (
-            "/events/batch",
-            "[{\"deviceId\":\"\",\"ts\":1,\"latitude\":0,\"longitude\":0}]".into(),
-            "invalid_event",
-        ),
-    ];
-    for (path, body, code) in cases {
-        let resp = app.post_json(path, body.clone()).await;
-        let json = error_body(resp, StatusCode::BAD_REQUEST).await;
-        assert_eq!(json["error"], code, "body {body}");
-        assert!(!json["message"].as_str().expect("message is a string").is_empty());
-    }
-    let missing = error_body(
-        app.post_json("/event", "{\"ts\":1,\"latitude\":0,\"longitude\":0}")
-            .await,
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    assert_eq!(missing["field"], "deviceId");
-
-    let empty = error_body(app.post_json("/event", "").await, StatusCode::BAD_REQUEST).await;
-    assert_eq!(empty["error"], "empty_body");
-
-    let text = app
-        .client
-        .post(format!("{}/event", app.base))
-        .header("content-type", "text/plain")
-        .body(event("d", 1).to_string())
-        .send()
-        .await
-        .expect("the request is answered");
-    let text = error_body(text, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
-    assert_eq!(text["field"], "content-type");
-
-    let no_type = app
-        .client
-        .post(format!("{}/events/batch", app.base))
-        .body(batch("d", 0, 1))
-        .send()
-        .await
-        .expect("the request is answered");
-    assert_eq!(no_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
-
-    let bad_utf8 = app.post_json("/event", vec![b'{', 0xff, 0xfe, b'}']).await;
-    assert_eq!(
-        error_body(bad_utf8, StatusCode::BAD_REQUEST).await["error"],
-        "malformed_json"
-    );
-
-    assert_eq!(app.total().await, 0);
-}
-
-#[tokio::test]
-async fn body_and_batch_limits_answer_413() {
-    let app = spawn_app_with(|s| {
-        s.http.max_body_bytes = 4096;
-        s.http.max_batch_len = 10;
-    })
-    .await;
-    let big = app.post_batch(None, batch("d", 0, 100)).await; // ~7 KB
-    assert_eq!(
-        error_body(big, StatusCode::PAYLOAD_TOO_LARGE).await["error"],
-        "body_too_large"
-    );
-    let long = app.post_batch(None, batch("d", 0, 11)).await;
-    assert_eq!(
-        error_body(long, StatusCode::PAYLOAD_TOO_LARGE).await["error"],
-        "batch_too_large"
-    );
-    assert_eq!(
-        app.post_batch(None, batch("d", 0, 10)).await.status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(app.total().await, 10);
 }
 
 #[tokio::test]
@@ -443,30 +178,6 @@ async fn the_count_of_an_older_database_is_taken_once_and_pages_survive_gaps_in_
     let p3: Value = app.get("/events?page=3&size=4").await.json().await.expect("json");
     assert_eq!(ids(&p3), vec![10, 11]);
     assert_eq!(p3["hasMore"], false);
-}
-
-#[tokio::test]
-async fn bad_page_parameters_get_400_naming_the_parameter() {
-    let app = spawn_app().await;
-    for (query, field) in [
-        ("page=0", "page"),
-        ("page=-1", "page"),
-        ("page=abc", "page"),
-        ("size=0", "size"),
-        ("size=1001", "size"),
-        ("size=1.5", "size"),
-        ("page=1&size=", "size"),
-        ("after=-1", "after"),
-        ("after=x", "after"),
-        ("page=2&after=10", "after"),
-    ] {
-        let body = error_body(
-            app.get(&format!("/events?{query}")).await,
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
-        assert_eq!(body["field"], field, "query {query}");
-    }
 }
 
 #[tokio::test]

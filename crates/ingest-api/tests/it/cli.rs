@@ -1,0 +1,65 @@
+//! The ingest-api binary's command line: `--help`, and a flag winning over its variable.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use test_support::{free_port, output_within, KillOnDrop};
+
+#[test]
+fn help_lists_the_variables_with_their_defaults_and_exits_0() {
+    let out = output_within(
+        Command::new(env!("CARGO_BIN_EXE_ingest-api")).arg("--help"),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "--help exited with {:?}", out.status);
+    let help = String::from_utf8(out.stdout).expect("help is UTF-8");
+    for line in [
+        "[env: PORT=] [default: 3000]",
+        "[env: MAX_BODY_BYTES=] [default: 16777216]",
+    ] {
+        assert!(help.contains(line), "help lacks {line}:\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn a_flag_overrides_its_environment_variable() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let env_port = free_port();
+    let flag_port = std::iter::repeat_with(free_port)
+        .find(|p| *p != env_port)
+        .expect("another free port");
+    let child = Command::new(env!("CARGO_BIN_EXE_ingest-api"))
+        .env("PORT", env_port.to_string())
+        .env("BIND_ADDR", "127.0.0.1")
+        .env("DATABASE_PATH", dir.path().join("ingest.db"))
+        .env("RUST_LOG", "warn")
+        .args(["--port", &flag_port.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn ingest-api");
+    let mut child = KillOnDrop(child);
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        let answer = client
+            .get(format!("http://127.0.0.1:{flag_port}/healthz"))
+            .send()
+            .await;
+        if answer.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            child.0.try_wait().expect("the child can be polled").is_none(),
+            "ingest-api exited before answering on the flag's port"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "ingest-api did not answer on the flag's port {flag_port}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", env_port)).is_err(),
+        "nothing listens on the variable's port {env_port}"
+    );
+}
