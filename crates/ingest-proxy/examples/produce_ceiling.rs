@@ -46,6 +46,14 @@ async fn main() {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(4002);
+    // The topic as the proxy creates it (the benchmark gives each program a fresh broker).
+    service_common::kafka::ensure_topic_with_retry(
+        &settings.kafka.brokers,
+        &settings.kafka.topic,
+        settings.kafka.partitions,
+        settings.kafka.replication,
+    )
+    .await;
     let producer: FutureProducer = producer_config(&settings).create().expect("producer");
     let state = Arc::new(Ceiling {
         producer,

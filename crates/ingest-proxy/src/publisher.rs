@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::healing::HealingProducer;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use telemetry_core::Event;
 use tokio::sync::Semaphore;
@@ -72,6 +72,24 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
     c
 }
 
+/// What became of one event handed to the producer (`None`: it was not handed over).
+async fn acknowledgement(pending: Option<DeliveryFuture>) -> Result<Ack, PublishError> {
+    let Some(delivery) = pending else {
+        return Err(PublishError::Busy);
+    };
+    match delivery.await {
+        Ok(Ok(d)) => Ok(Ack {
+            partition: d.partition,
+            offset: d.offset,
+        }),
+        Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+            Err(PublishError::Timeout)
+        }
+        Ok(Err((err, _))) => Err(PublishError::Broker(err.to_string())),
+        Err(_canceled) => Err(PublishError::Broker("producer shut down".into())),
+    }
+}
+
 impl Publisher {
     pub fn new(settings: &Settings) -> Result<Publisher, KafkaError> {
         Ok(Publisher {
@@ -127,23 +145,12 @@ impl Publisher {
         }
         // librdkafka fails each message at message.timeout.ms (PRODUCE_TIMEOUT_MS), and the
         // request timeout bounds the whole request besides: no timer of its own here.
-        let waits = pending.into_iter().map(|p| async move {
-            match p {
-                None => Err(PublishError::Busy),
-                Some(delivery) => match delivery.await {
-                    Ok(Ok(d)) => Ok(Ack {
-                        partition: d.partition,
-                        offset: d.offset,
-                    }),
-                    Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
-                        Err(PublishError::Timeout)
-                    }
-                    Ok(Err((err, _))) => Err(PublishError::Broker(err.to_string())),
-                    Err(_canceled) => Err(PublishError::Broker("producer shut down".into())),
-                },
-            }
-        });
-        let results = futures::future::join_all(waits).await;
+        let results = if pending.len() == 1 {
+            // The single-event request, the common one: no join machinery.
+            vec![acknowledgement(pending.pop().expect("one pending")).await]
+        } else {
+            futures::future::join_all(pending.into_iter().map(acknowledgement)).await
+        };
         if results.iter().any(Result::is_err) {
             self.producer.replace_if_fatal(&producer);
         }
