@@ -7,7 +7,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{middleware, Json, Router};
+use axum::{Json, Router};
 use serde_json::json;
 use service_common::{require_json, ApiError};
 use sha2::{Digest, Sha256};
@@ -43,9 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(service_common::handlers::metrics))
         .fallback(service_common::handlers::not_found)
         .method_not_allowed_fallback(service_common::handlers::method_not_allowed)
-        .layer(middleware::from_fn(|req, next| {
-            service_common::track_requests(REQUEST_METRICS, req, next)
-        }))
+        .layer(service_common::TrackRequests(REQUEST_METRICS))
         .with_state(state)
 }
 

@@ -16,5 +16,5 @@ pub mod shutdown;
 pub use body::{read_body, require_json, BodyKind};
 pub use error::ApiError;
 pub use logging::init_tracing;
-pub use metrics::{metrics_handle, track_requests, RequestMetrics, TrackRequests};
+pub use metrics::{metrics_handle, RequestMetrics, TrackRequests};
 pub use shutdown::shutdown_signal;
