@@ -157,6 +157,24 @@ pub fn output_within(cmd: &mut Command, within: Duration) -> std::process::Outpu
     out
 }
 
+/// Spawns a service binary and waits until it listens on 127.0.0.1:`port`; panics when it exits
+/// first or 30 s pass. The child is killed when the guard drops.
+pub fn spawn_listening(cmd: &mut Command, port: u16) -> KillOnDrop {
+    let mut child = KillOnDrop(cmd.spawn().expect("the service starts"));
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.0.try_wait().expect("the child can be polled") {
+            panic!("{cmd:?} exited with {status} before listening on port {port}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{cmd:?} did not listen on port {port} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

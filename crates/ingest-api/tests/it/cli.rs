@@ -1,9 +1,10 @@
 //! The ingest-api binary's command line: `--help`, and a flag winning over its variable.
 
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use test_support::{free_port, output_within, KillOnDrop};
+use test_support::{free_port, output_within, spawn_listening};
 
 #[test]
 fn help_lists_the_variables_with_their_defaults_and_exits_0() {
@@ -21,45 +22,25 @@ fn help_lists_the_variables_with_their_defaults_and_exits_0() {
     }
 }
 
-#[tokio::test]
-async fn a_flag_overrides_its_environment_variable() {
+#[test]
+fn a_flag_overrides_its_environment_variable() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let env_port = free_port();
     let flag_port = std::iter::repeat_with(free_port)
         .find(|p| *p != env_port)
         .expect("another free port");
-    let child = Command::new(env!("CARGO_BIN_EXE_ingest-api"))
-        .env("PORT", env_port.to_string())
-        .env("BIND_ADDR", "127.0.0.1")
-        .env("DATABASE_PATH", dir.path().join("ingest.db"))
-        .env("RUST_LOG", "warn")
-        .args(["--port", &flag_port.to_string()])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn ingest-api");
-    let mut child = KillOnDrop(child);
-    let client = reqwest::Client::new();
-    let start = Instant::now();
-    loop {
-        let answer = client
-            .get(format!("http://127.0.0.1:{flag_port}/healthz"))
-            .send()
-            .await;
-        if answer.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        assert!(
-            child.0.try_wait().expect("the child can be polled").is_none(),
-            "ingest-api exited before answering on the flag's port"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "ingest-api did not answer on the flag's port {flag_port}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _api = spawn_listening(
+        Command::new(env!("CARGO_BIN_EXE_ingest-api"))
+            .env("PORT", env_port.to_string())
+            .env("BIND_ADDR", "127.0.0.1")
+            .env("DATABASE_PATH", dir.path().join("ingest.db"))
+            .env("RUST_LOG", "warn")
+            .args(["--port", &flag_port.to_string()])
+            .stdout(Stdio::null()),
+        flag_port,
+    );
     assert!(
-        std::net::TcpStream::connect(("127.0.0.1", env_port)).is_err(),
+        TcpStream::connect(("127.0.0.1", env_port)).is_err(),
         "nothing listens on the variable's port {env_port}"
     );
 }

@@ -3,83 +3,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use ingest_proxy::{Application, Settings};
 use rdkafka::Message;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use test_support::{brokers, consume, consume_until_quiet, key_str, payload_json, unique, PrivateBroker};
 
-struct TestProxy {
-    base: String,
-    topic: String,
-    client: reqwest::Client,
-}
-
-impl TestProxy {
-    async fn post(
-        &self,
-        path: &str,
-        content_type: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.base))
-            .header("content-type", content_type)
-            .body(body)
-            .send()
-            .await
-            .expect("request failed")
-    }
-
-    async fn post_event(&self, event: &Value) -> reqwest::Response {
-        self.post("/event", "application/json", event.to_string()).await
-    }
-
-    async fn ready_status(&self) -> StatusCode {
-        self.client
-            .get(format!("{}/readyz", self.base))
-            .send()
-            .await
-            .expect("the proxy answers")
-            .status()
-    }
-
-    async fn wait_ready(&self, want: StatusCode, within: Duration) {
-        let start = Instant::now();
-        while self.ready_status().await != want {
-            assert!(
-                start.elapsed() < within,
-                "/readyz did not turn {want} within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-async fn spawn_proxy_with(brokers: &str, tweak: impl FnOnce(&mut Settings)) -> TestProxy {
-    let topic = unique("proxy-test");
-    let mut settings = Settings::for_tests(brokers, &topic);
-    settings.ready_check_interval_ms = 200;
-    tweak(&mut settings);
-    let app = Application::build(settings).await.expect("proxy builds");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
-    let proxy = TestProxy {
-        base,
-        topic,
-        client: reqwest::Client::new(),
-    };
-    proxy.wait_ready(StatusCode::OK, Duration::from_secs(30)).await;
-    proxy
-}
-
-async fn spawn_proxy() -> TestProxy {
-    spawn_proxy_with(&brokers(), |_| {}).await
-}
-
-fn event(device: &str, ts: i64) -> Value {
-    json!({"deviceId": device, "ts": ts, "latitude": 37.5, "longitude": -122.25})
-}
+use crate::helpers::{event, spawn_proxy, spawn_proxy_with, TestProxy};
 
 #[tokio::test]
 async fn accepted_event_is_in_the_topic_keyed_by_device() {
@@ -189,13 +118,7 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
     let proxy = spawn_proxy().await;
     let mut items: Vec<Value> = (0..5).map(|i| event("batch-dev", i)).collect();
     items[3]["longitude"] = json!("west");
-    let resp = proxy
-        .post(
-            "/events/batch",
-            "application/json",
-            Value::Array(items).to_string(),
-        )
-        .await;
+    let resp = proxy.post_batch(items).await;
     assert_eq!(resp.status(), StatusCode::MULTI_STATUS);
     let body: Value = resp.json().await.expect("a JSON body");
     assert_eq!(body["accepted"], 4);
@@ -239,13 +162,7 @@ async fn batch_answers_a_result_per_item_for_json_and_ndjson() {
 async fn full_in_flight_bound_answers_503_with_retry_after() {
     let proxy = spawn_proxy_with(&brokers(), |s| s.max_in_flight = 3).await;
     let items: Vec<Value> = (0..4).map(|i| event("big", i)).collect();
-    let resp = proxy
-        .post(
-            "/events/batch",
-            "application/json",
-            Value::Array(items).to_string(),
-        )
-        .await;
+    let resp = proxy.post_batch(items).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
     let body: Value = resp.json().await.expect("a JSON body");
@@ -323,11 +240,7 @@ async fn every_event_acknowledged_before_sigterm_is_in_the_topic() {
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("spawn ingest-proxy");
-    let proxy = TestProxy {
-        base: format!("http://127.0.0.1:{port}"),
-        topic: topic.clone(),
-        client: reqwest::Client::new(),
-    };
+    let proxy = TestProxy::at(port, &topic);
     let start = Instant::now();
     while proxy
         .client

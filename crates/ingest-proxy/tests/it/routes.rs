@@ -1,0 +1,143 @@
+//! The validation answers of ingest-proxy's router, called with `oneshot` (a socket adds nothing
+//! to them). Its producer points where no broker listens, so an event that got past validation
+//! would be answered 503, not 4xx.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{event, route_proxy, route_proxy_with};
+
+/// Events each missing a field or carrying one of the wrong type, and the field at fault.
+fn events_with_a_bad_field() -> Vec<(Value, &'static str)> {
+    vec![
+        (json!({"ts": 1, "latitude": 0, "longitude": 0}), "deviceId"),
+        (json!({"deviceId": "d", "latitude": 0, "longitude": 0}), "ts"),
+        (
+            json!({"deviceId": 7, "ts": 1, "latitude": 0, "longitude": 0}),
+            "deviceId",
+        ),
+        (
+            json!({"deviceId": "d", "ts": "now", "latitude": 0, "longitude": 0}),
+            "ts",
+        ),
+        (
+            json!({"deviceId": "d", "ts": 1, "latitude": "north", "longitude": 0}),
+            "latitude",
+        ),
+        (
+            json!({"deviceId": "d", "ts": 1, "latitude": 0, "longitude": []}),
+            "longitude",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn malformed_json_gets_400_malformed_json() {
+    let proxy = route_proxy();
+    for path in ["/event", "/events/batch"] {
+        let body = proxy
+            .post_json(path, "{\"deviceId\":")
+            .await
+            .json_with(StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "malformed_json", "{path}");
+        assert!(
+            !body["message"].as_str().expect("message is a string").is_empty(),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_missing_or_wrongly_typed_field_of_an_event_is_named() {
+    let proxy = route_proxy();
+    for (body, field) in events_with_a_bad_field() {
+        let answer = proxy
+            .post_json("/event", body.to_string())
+            .await
+            .json_with(StatusCode::BAD_REQUEST);
+        assert_eq!(answer["error"], "invalid_event", "body {body}");
+        assert_eq!(answer["field"], field, "body {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_bad_items_names_each_items_field_and_index() {
+    let proxy = route_proxy();
+    let (items, fields): (Vec<Value>, Vec<&str>) = events_with_a_bad_field().into_iter().unzip();
+    let ndjson: String = items.iter().map(|i| format!("{i}\n")).collect();
+    for (content_type, body) in [
+        ("application/json", Value::Array(items.clone()).to_string()),
+        ("application/x-ndjson", ndjson),
+    ] {
+        let answer = proxy
+            .post("/events/batch", content_type, body)
+            .await
+            .json_with(StatusCode::BAD_REQUEST);
+        assert_eq!(answer["accepted"], 0, "{content_type}");
+        assert_eq!(answer["invalid"], items.len(), "{content_type}");
+        let results = answer["results"].as_array().expect("results is an array");
+        assert_eq!(results.len(), items.len(), "{content_type}");
+        for (index, (result, field)) in results.iter().zip(&fields).enumerate() {
+            assert_eq!(result["status"], "invalid", "{content_type} item {index}");
+            assert_eq!(result["field"], *field, "{content_type} item {index}");
+            assert_eq!(result["index"], index, "{content_type} item {index}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_longer_than_max_batch_len_gets_413_batch_too_large() {
+    let proxy = route_proxy_with(|s| s.http.max_batch_len = 3);
+    let long: Vec<Value> = (0..4).map(|ts| event("d", ts)).collect();
+    let answer = proxy
+        .post_json("/events/batch", Value::Array(long).to_string())
+        .await
+        .json_with(StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(answer["error"], "batch_too_large");
+    assert!(
+        answer["message"]
+            .as_str()
+            .expect("message is a string")
+            .contains("the limit is 3"),
+        "the message names the limit: {answer}"
+    );
+
+    // At the limit the length is fine; these items are refused for their content instead.
+    let at_limit = json!([{}, {}, {}]).to_string();
+    let answer = proxy
+        .post_json("/events/batch", at_limit)
+        .await
+        .json_with(StatusCode::BAD_REQUEST);
+    assert_eq!(answer["invalid"], 3);
+}
+
+#[tokio::test]
+async fn bodies_that_are_not_a_batch_get_400_or_415_naming_the_problem() {
+    let proxy = route_proxy_with(|s| s.http.max_body_bytes = 1024);
+    let not_array = proxy
+        .post_json("/events/batch", "{\"not\":\"an array\"}")
+        .await
+        .json_with(StatusCode::BAD_REQUEST);
+    assert_eq!(not_array["error"], "invalid_body");
+    let empty_batch = proxy
+        .post_json("/events/batch", "[]")
+        .await
+        .json_with(StatusCode::BAD_REQUEST);
+    assert_eq!(empty_batch["error"], "empty_batch");
+    let empty_body = proxy
+        .post_json("/event", "")
+        .await
+        .json_with(StatusCode::BAD_REQUEST);
+    assert_eq!(empty_body["error"], "empty_body");
+    let text = proxy
+        .post("/event", "text/plain", event("d", 1).to_string())
+        .await
+        .json_with(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(text["field"], "content-type");
+    let big: Vec<Value> = (0..20).map(|ts| event("d", ts)).collect();
+    let too_big = proxy
+        .post_json("/events/batch", Value::Array(big).to_string())
+        .await
+        .json_with(StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(too_big["error"], "body_too_large");
+}
