@@ -35,7 +35,7 @@ fn make_batches(n: usize, salt: &str) -> Vec<Vec<Event>> {
 async fn http_rate(base: &str, batches: Vec<Vec<Event>>, clients: usize, label: &str) -> f64 {
     let bodies: Vec<String> = batches
         .iter()
-        .map(|b| serde_json::to_string(b).unwrap())
+        .map(|b| serde_json::to_string(b).expect("a batch serializes"))
         .collect();
     let total_events = batches.len() * BATCH;
     let chunks: Vec<Vec<(usize, String)>> = {
@@ -68,19 +68,19 @@ async fn http_rate(base: &str, batches: Vec<Vec<Event>>, clients: usize, label: 
         })
         .collect();
     for t in tasks {
-        t.await.unwrap();
+        t.await.expect("a client task ran to its end");
     }
     total_events as f64 / start.elapsed().as_secs_f64()
 }
 
 fn raw_rate(path: &std::path::Path, sync: Synchronous, batches: &[Vec<Event>]) -> f64 {
-    let mut conn = open_connection(path, sync).unwrap();
-    conn.execute_batch(SCHEMA).unwrap();
+    let mut conn = open_connection(path, sync).expect("open the database");
+    conn.execute_batch(SCHEMA).expect("create the schema");
     let start = Instant::now();
     for b in batches {
-        let tx = conn.transaction().unwrap();
-        insert_rows(&tx, b, 0).unwrap();
-        tx.commit().unwrap();
+        let tx = conn.transaction().expect("begin a transaction");
+        insert_rows(&tx, b, 0).expect("insert a batch");
+        tx.commit().expect("commit a batch");
     }
     (batches.len() * BATCH) as f64 / start.elapsed().as_secs_f64()
 }
@@ -88,10 +88,11 @@ fn raw_rate(path: &std::path::Path, sync: Synchronous, batches: &[Vec<Event>]) -
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let n = env_usize("BENCH_BATCHES", 300);
-    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))
+        .expect("a temp dir in BENCH_DIR");
     let settings = Settings::for_tests(dir.path().join("api.db"));
     let sync = settings.sqlite_synchronous;
-    let app = Application::build(settings).await.unwrap();
+    let app = Application::build(settings).await.expect("ingest-api starts");
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(std::future::pending()));
 

@@ -180,7 +180,7 @@ mod tests {
                             by_id.insert(key, planned.event.clone()).is_none(),
                             "identity reused"
                         );
-                        planned.event.validate().unwrap();
+                        planned.event.validate().expect("a planned event is valid");
                     }
                 }
             }

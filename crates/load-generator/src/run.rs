@@ -166,7 +166,7 @@ async fn send_lane(
 
 /// Runs every burst and returns the totals.
 pub async fn run(settings: Settings) -> anyhow::Result<Summary> {
-    let seed = settings.seed.unwrap_or_else(|| rand::random());
+    let seed = settings.seed.unwrap_or_else(rand::random);
     let mut planner = Planner::new(
         seed,
         settings.devices,
