@@ -4,9 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use tokio::net::TcpListener;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::routes::{router, AppState};
 use crate::store::Store;
@@ -64,13 +62,10 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let timeout = self.state.settings.http.request_timeout();
-        let app = router(self.state).layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ));
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+        let settings = Arc::clone(&self.state.settings);
+        settings
+            .http
+            .serve(self.listener, router(self.state), shutdown)
             .await?;
         tracing::info!("ingest-api stopped");
         Ok(())

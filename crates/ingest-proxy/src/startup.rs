@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use tokio::net::TcpListener;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::publisher::Publisher;
 use crate::routes::{router, AppState};
@@ -58,16 +56,13 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let timeout = self.state.settings.http.request_timeout();
         let publisher = Arc::clone(&self.state.publisher);
-        let flush_for = Duration::from_millis(self.state.settings.produce_timeout_ms);
-        let app = router(self.state).layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ));
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
+        let settings = Arc::clone(&self.state.settings);
+        settings
+            .http
+            .serve(self.listener, router(self.state), shutdown)
             .await?;
+        let flush_for = Duration::from_millis(settings.produce_timeout_ms);
         tokio::task::spawn_blocking(move || publisher.flush(flush_for))
             .await
             .ok();

@@ -1,11 +1,15 @@
 //! Settings helpers shared by the services.
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::StatusCode;
+use axum::Router;
 use bytes::Bytes;
 use clap::{Arg, Parser};
 use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::{read_body, ApiError};
 
@@ -85,6 +89,21 @@ impl HttpArgs {
     /// Binds the listener (port 0 picks a free one).
     pub async fn bind(&self) -> std::io::Result<TcpListener> {
         TcpListener::bind((self.bind_addr.as_str(), self.port)).await
+    }
+
+    /// Serves `router` on `listener`, answering 408 to a request not done within
+    /// `REQUEST_TIMEOUT_MS`, until `shutdown` resolves; then finishes the requests in flight.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        router: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = router.layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            self.request_timeout(),
+        ));
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
     }
 
     /// Reads a request body within `MAX_BODY_BYTES` and `BODY_TIMEOUT_MS` ([`read_body`]).
