@@ -250,3 +250,38 @@ pub fn valid_traffic(base: String, n: i64, expect: u16) -> tokio::task::JoinHand
         }
     })
 }
+
+/// Every case against `/event` and `/events/batch` of the service at `addr`, each answered
+/// within 5 s, while `n` valid events go to `/event` alongside, each answered `valid_status`.
+pub async fn run_all_beside_valid_traffic(addr: SocketAddr, n: i64, valid_status: u16) {
+    let valid = valid_traffic(format!("http://{addr}"), n, valid_status);
+    run_all(addr, "/event", Duration::from_secs(5)).await;
+    run_all(addr, "/events/batch", Duration::from_secs(5)).await;
+    valid.await.expect("the valid traffic ran to its end");
+}
+
+/// Events each missing a field or carrying one of the wrong type, with the field at fault: the
+/// answer must name it.
+pub fn events_with_a_bad_field() -> Vec<(serde_json::Value, &'static str)> {
+    use serde_json::json;
+    vec![
+        (json!({"ts": 1, "latitude": 0, "longitude": 0}), "deviceId"),
+        (json!({"deviceId": "d", "latitude": 0, "longitude": 0}), "ts"),
+        (
+            json!({"deviceId": 7, "ts": 1, "latitude": 0, "longitude": 0}),
+            "deviceId",
+        ),
+        (
+            json!({"deviceId": "d", "ts": "now", "latitude": 0, "longitude": 0}),
+            "ts",
+        ),
+        (
+            json!({"deviceId": "d", "ts": 1, "latitude": "north", "longitude": 0}),
+            "latitude",
+        ),
+        (
+            json!({"deviceId": "d", "ts": 1, "latitude": 0, "longitude": []}),
+            "longitude",
+        ),
+    ]
+}

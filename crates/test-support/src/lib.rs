@@ -1,10 +1,12 @@
 //! Helpers for integration tests that need the real test broker: finding or starting it,
-//! private brokers that a test may stop, unique names, and reading a topic back; and the
-//! hostile-input cases for the HTTP services.
+//! private brokers that a test may stop, unique names, and reading a topic back; and for the
+//! HTTP services: the hostile-input cases (`hostile`), calling a router without a socket
+//! (`oneshot`) and running a service binary (`cli`).
 
+pub mod cli;
 pub mod hostile;
+pub mod oneshot;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -116,63 +118,6 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         let _ = run_broker_script("stop", Some(self.port), Some(&self.data.0));
     }
-}
-
-/// A child process, killed and reaped when dropped, so a test that fails leaves none behind.
-#[derive(Debug)]
-pub struct KillOnDrop(pub std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `cmd` to its end and returns what it printed (less than a pipe holds, 64 KiB); kills it
-/// and panics when it has not ended `within` (a binary that ignored `--help` would serve on).
-pub fn output_within(cmd: &mut Command, within: Duration) -> std::process::Output {
-    let mut child = KillOnDrop(
-        cmd.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("the command starts"),
-    );
-    let start = Instant::now();
-    while child.0.try_wait().expect("the child can be polled").is_none() {
-        assert!(start.elapsed() < within, "{cmd:?} did not end within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut out = std::process::Output {
-        status: child.0.wait().expect("the child has ended"),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-    };
-    if let Some(mut stdout) = child.0.stdout.take() {
-        stdout.read_to_end(&mut out.stdout).expect("read stdout");
-    }
-    if let Some(mut stderr) = child.0.stderr.take() {
-        stderr.read_to_end(&mut out.stderr).expect("read stderr");
-    }
-    out
-}
-
-/// Spawns a service binary and waits until it listens on 127.0.0.1:`port`; panics when it exits
-/// first or 30 s pass. The child is killed when the guard drops.
-pub fn spawn_listening(cmd: &mut Command, port: u16) -> KillOnDrop {
-    let mut child = KillOnDrop(cmd.spawn().expect("the service starts"));
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = child.0.try_wait().expect("the child can be polled") {
-            panic!("{cmd:?} exited with {status} before listening on port {port}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{cmd:?} did not listen on port {port} within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
 }
 
 /// A TCP port that was free a moment ago.

@@ -115,12 +115,7 @@ async fn keyset_reads_follow_next_through_every_row_once() {
     let mut seen = Vec::new();
     let mut after = 0;
     loop {
-        let page: Value = app
-            .get(&format!("/events?after={after}&size=10"))
-            .await
-            .json()
-            .await
-            .expect("json");
+        let page: Value = app.get_json(&format!("/events?after={after}&size=10")).await;
         assert_eq!(page["total"], 25);
         assert_eq!(page["after"], after);
         seen.extend(ids(&page));
@@ -137,22 +132,12 @@ async fn keyset_reads_follow_next_through_every_row_once() {
         }
     }
     assert_eq!(seen, (1..=25).collect::<Vec<_>>());
-    let numbered: Value = app
-        .get("/events?page=2&size=10")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let numbered: Value = app.get_json("/events?page=2&size=10").await;
     assert_eq!(ids(&numbered), (11..=20).collect::<Vec<_>>());
     assert_eq!(numbered["next"], 20, "numbered pages carry next too");
-    let last: Value = app
-        .get("/events?page=3&size=10")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let last: Value = app.get_json("/events?page=3&size=10").await;
     assert!(last["next"].is_null());
-    let past: Value = app.get("/events?after=25").await.json().await.expect("json");
+    let past: Value = app.get_json("/events?after=25").await;
     assert_eq!(ids(&past), Vec::<i64>::new());
 }
 
@@ -169,13 +154,13 @@ async fn the_count_of_an_older_database_is_taken_once_and_pages_survive_gaps_in_
     }
     let app = spawn_app_at(db, dir, |_| {}).await;
     assert_eq!(app.total().await, 9, "counted once at start");
-    let p1: Value = app.get("/events?page=1&size=4").await.json().await.expect("json");
+    let p1: Value = app.get_json("/events?page=1&size=4").await;
     assert_eq!(ids(&p1), vec![1, 2, 4, 5]);
-    let p2: Value = app.get("/events?page=2&size=4").await.json().await.expect("json");
+    let p2: Value = app.get_json("/events?page=2&size=4").await;
     assert_eq!(ids(&p2), vec![6, 7, 8, 9]);
     app.post_json("/event", event("d", 99).to_string()).await;
     assert_eq!(app.total().await, 10, "kept by the inserts from then on");
-    let p3: Value = app.get("/events?page=3&size=4").await.json().await.expect("json");
+    let p3: Value = app.get_json("/events?page=3&size=4").await;
     assert_eq!(ids(&p3), vec![10, 11]);
     assert_eq!(p3["hasMore"], false);
 }

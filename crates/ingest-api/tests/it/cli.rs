@@ -1,46 +1,28 @@
 //! The ingest-api binary's command line: `--help`, and a flag winning over its variable.
 
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use test_support::{free_port, output_within, spawn_listening};
+use test_support::cli::{assert_help_lists, assert_port_flag_overrides_its_variable};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ingest-api");
 
 #[test]
 fn help_lists_the_variables_with_their_defaults_and_exits_0() {
-    let out = output_within(
-        Command::new(env!("CARGO_BIN_EXE_ingest-api")).arg("--help"),
-        Duration::from_secs(30),
+    assert_help_lists(
+        BIN,
+        &[
+            "[env: PORT=] [default: 3000]",
+            "[env: MAX_BODY_BYTES=] [default: 16777216]",
+            "[env: REQUEST_TIMEOUT_MS=] [default: 10000]",
+            "[env: DATABASE_PATH=] [default: data/ingest.db]",
+        ],
     );
-    assert!(out.status.success(), "--help exited with {:?}", out.status);
-    let help = String::from_utf8(out.stdout).expect("help is UTF-8");
-    for line in [
-        "[env: PORT=] [default: 3000]",
-        "[env: MAX_BODY_BYTES=] [default: 16777216]",
-    ] {
-        assert!(help.contains(line), "help lacks {line}:\n{help}");
-    }
 }
 
 #[test]
 fn a_flag_overrides_its_environment_variable() {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let env_port = free_port();
-    let flag_port = std::iter::repeat_with(free_port)
-        .find(|p| *p != env_port)
-        .expect("another free port");
-    let _api = spawn_listening(
-        Command::new(env!("CARGO_BIN_EXE_ingest-api"))
-            .env("PORT", env_port.to_string())
-            .env("BIND_ADDR", "127.0.0.1")
-            .env("DATABASE_PATH", dir.path().join("ingest.db"))
-            .env("RUST_LOG", "warn")
-            .args(["--port", &flag_port.to_string()])
-            .stdout(Stdio::null()),
-        flag_port,
-    );
-    assert!(
-        TcpStream::connect(("127.0.0.1", env_port)).is_err(),
-        "nothing listens on the variable's port {env_port}"
+    assert_port_flag_overrides_its_variable(
+        Command::new(BIN).env("DATABASE_PATH", dir.path().join("ingest.db")),
     );
 }

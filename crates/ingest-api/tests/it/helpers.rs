@@ -5,24 +5,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
-use bytes::Bytes;
 use ingest_api::routes::{router, AppState};
 use ingest_api::store::Store;
 use ingest_api::{Application, Settings};
 use load_generator::events::EventsClient;
 use serde_json::{json, Value};
 use telemetry_core::StoredEvent;
-use tokio::sync::oneshot;
-use tower::ServiceExt;
+use test_support::oneshot::{self, Answer};
 
 pub(crate) struct TestApp {
     pub(crate) base: String,
     pub(crate) port: u16,
     pub(crate) client: reqwest::Client,
     pub(crate) db: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -97,7 +95,7 @@ pub(crate) async fn spawn_app_at(
     tweak(&mut settings);
     let app = Application::build(settings).await.expect("app builds");
     let port = app.port();
-    let (stop, stopped) = oneshot::channel::<()>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         app.run_until_stopped(async {
             let _ = stopped.await;
@@ -133,50 +131,7 @@ pub(crate) struct RouteApp {
     _dir: tempfile::TempDir,
 }
 
-/// An answer of the router, its body read whole.
-pub(crate) struct Answer {
-    pub(crate) status: StatusCode,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Bytes,
-}
-
-impl Answer {
-    pub(crate) fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("a JSON body")
-    }
-
-    /// The JSON error body, once the status is `status` and the body says it is JSON.
-    pub(crate) fn error(&self, status: StatusCode) -> Value {
-        assert_eq!(self.status, status, "unexpected status, body {:?}", self.body);
-        assert!(
-            self.headers["content-type"]
-                .to_str()
-                .expect("content-type is text")
-                .starts_with("application/json"),
-            "error bodies are JSON"
-        );
-        self.json()
-    }
-}
-
 impl RouteApp {
-    pub(crate) async fn call(&self, request: Request<Body>) -> Answer {
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("a router never fails");
-        let (parts, body) = response.into_parts();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: axum::body::to_bytes(body, usize::MAX)
-                .await
-                .expect("the body is read whole"),
-        }
-    }
-
     /// `POST path` with `content_type` (none when `None`) and an optional idempotency key.
     pub(crate) async fn post(
         &self,
@@ -185,15 +140,11 @@ impl RouteApp {
         key: Option<&str>,
         body: impl Into<Body>,
     ) -> Answer {
-        let mut request = Request::post(path);
-        if let Some(ct) = content_type {
-            request = request.header("content-type", ct);
-        }
-        if let Some(k) = key {
-            request = request.header("idempotency-key", k);
-        }
-        self.call(request.body(body.into()).expect("a valid request"))
-            .await
+        let headers: Vec<(&str, &str)> = [("content-type", content_type), ("idempotency-key", key)]
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value?)))
+            .collect();
+        oneshot::post(&self.router, path, &headers, body).await
     }
 
     pub(crate) async fn post_json(&self, path: &str, body: impl Into<Body>) -> Answer {
@@ -206,10 +157,7 @@ impl RouteApp {
     }
 
     pub(crate) async fn get(&self, path_and_query: &str) -> Answer {
-        let request = Request::get(path_and_query)
-            .body(Body::empty())
-            .expect("a valid request");
-        self.call(request).await
+        oneshot::get(&self.router, path_and_query).await
     }
 
     pub(crate) async fn total(&self) -> u64 {

@@ -1,8 +1,6 @@
 //! Hostile input against ingest-api: each case gets its 4xx with a JSON body, the service stays
 //! up, and valid events sent at the same time are all stored.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
 use crate::helpers::spawn_app_with;
@@ -11,13 +9,10 @@ use crate::helpers::spawn_app_with;
 async fn hostile_input_is_refused_while_valid_events_are_all_stored() {
     let app = spawn_app_with(|s| s.http.body_timeout_ms = 800).await;
 
-    let valid = test_support::hostile::valid_traffic(app.base.clone(), 300, 201);
     let addr = format!("127.0.0.1:{}", app.port)
         .parse()
         .expect("a socket address");
-    test_support::hostile::run_all(addr, "/event", Duration::from_secs(5)).await;
-    test_support::hostile::run_all(addr, "/events/batch", Duration::from_secs(5)).await;
-    valid.await.expect("the task ran to its end");
+    test_support::hostile::run_all_beside_valid_traffic(addr, 300, 201).await;
 
     assert_eq!(app.get("/healthz").await.status(), 200);
     let page: Value = app.get_json("/events?size=1000").await;

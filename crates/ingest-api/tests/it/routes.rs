@@ -5,6 +5,8 @@
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
+use test_support::hostile::events_with_a_bad_field;
+
 use crate::helpers::{batch, event, route_app, route_app_with};
 
 #[tokio::test]
@@ -15,7 +17,7 @@ async fn batch_with_one_bad_item_stores_nothing_and_names_item_and_field() {
     let body = app
         .post_batch(None, Value::Array(items).to_string())
         .await
-        .error(StatusCode::BAD_REQUEST);
+        .json_with(StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "longitude");
     assert_eq!(body["index"], 2);
     assert_eq!(app.total().await, 0);
@@ -27,7 +29,7 @@ async fn invalid_idempotency_key_is_refused() {
     let body = app
         .post_batch(Some(&"k".repeat(300)), batch("d", 0, 1))
         .await
-        .error(StatusCode::BAD_REQUEST);
+        .json_with(StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "Idempotency-Key");
     assert_eq!(app.total().await, 0);
 }
@@ -74,30 +76,36 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
         let json = app
             .post_json(path, body.clone())
             .await
-            .error(StatusCode::BAD_REQUEST);
+            .json_with(StatusCode::BAD_REQUEST);
         assert_eq!(json["error"], code, "body {body}");
         assert!(!json["message"].as_str().expect("message is a string").is_empty());
     }
     let missing = app
         .post_json("/event", "{\"ts\":1,\"latitude\":0,\"longitude\":0}")
         .await
-        .error(StatusCode::BAD_REQUEST);
+        .json_with(StatusCode::BAD_REQUEST);
     assert_eq!(missing["field"], "deviceId");
 
-    let empty = app.post_json("/event", "").await.error(StatusCode::BAD_REQUEST);
+    let empty = app
+        .post_json("/event", "")
+        .await
+        .json_with(StatusCode::BAD_REQUEST);
     assert_eq!(empty["error"], "empty_body");
 
     let text = app
         .post("/event", Some("text/plain"), None, event("d", 1).to_string())
         .await
-        .error(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        .json_with(StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(text["field"], "content-type");
 
     let no_type = app.post("/events/batch", None, None, batch("d", 0, 1)).await;
     assert_eq!(no_type.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     let bad_utf8 = app.post_json("/event", vec![b'{', 0xff, 0xfe, b'}']).await;
-    assert_eq!(bad_utf8.error(StatusCode::BAD_REQUEST)["error"], "malformed_json");
+    assert_eq!(
+        bad_utf8.json_with(StatusCode::BAD_REQUEST)["error"],
+        "malformed_json"
+    );
 
     assert_eq!(app.total().await, 0);
 }
@@ -105,30 +113,11 @@ async fn bad_inputs_get_json_errors_naming_the_problem_and_store_nothing() {
 #[tokio::test]
 async fn a_missing_or_wrongly_typed_field_is_named_with_its_batch_item() {
     let app = route_app();
-    for (body, field) in [
-        (json!({"ts": 1, "latitude": 0, "longitude": 0}), "deviceId"),
-        (json!({"deviceId": "d", "latitude": 0, "longitude": 0}), "ts"),
-        (
-            json!({"deviceId": 7, "ts": 1, "latitude": 0, "longitude": 0}),
-            "deviceId",
-        ),
-        (
-            json!({"deviceId": "d", "ts": "now", "latitude": 0, "longitude": 0}),
-            "ts",
-        ),
-        (
-            json!({"deviceId": "d", "ts": 1, "latitude": "north", "longitude": 0}),
-            "latitude",
-        ),
-        (
-            json!({"deviceId": "d", "ts": 1, "latitude": 0, "longitude": []}),
-            "longitude",
-        ),
-    ] {
+    for (body, field) in events_with_a_bad_field() {
         let single = app
             .post_json("/event", body.to_string())
             .await
-            .error(StatusCode::BAD_REQUEST);
+            .json_with(StatusCode::BAD_REQUEST);
         assert_eq!(single["error"], "invalid_event", "body {body}");
         assert_eq!(single["field"], field, "body {body}");
 
@@ -136,7 +125,7 @@ async fn a_missing_or_wrongly_typed_field_is_named_with_its_batch_item() {
         let item = app
             .post_batch(None, in_batch)
             .await
-            .error(StatusCode::BAD_REQUEST);
+            .json_with(StatusCode::BAD_REQUEST);
         assert_eq!(item["field"], field, "batch item {body}");
         assert_eq!(item["index"], 1, "batch item {body}");
     }
@@ -151,12 +140,12 @@ async fn body_and_batch_limits_answer_413() {
     });
     let big = app.post_batch(None, batch("d", 0, 100)).await; // ~7 KB
     assert_eq!(
-        big.error(StatusCode::PAYLOAD_TOO_LARGE)["error"],
+        big.json_with(StatusCode::PAYLOAD_TOO_LARGE)["error"],
         "body_too_large"
     );
     let long = app.post_batch(None, batch("d", 0, 11)).await;
     assert_eq!(
-        long.error(StatusCode::PAYLOAD_TOO_LARGE)["error"],
+        long.json_with(StatusCode::PAYLOAD_TOO_LARGE)["error"],
         "batch_too_large"
     );
     assert_eq!(
@@ -184,7 +173,7 @@ async fn bad_page_parameters_get_400_naming_the_parameter() {
         let body = app
             .get(&format!("/events?{query}"))
             .await
-            .error(StatusCode::BAD_REQUEST);
+            .json_with(StatusCode::BAD_REQUEST);
         assert_eq!(body["error"], "invalid_query", "query {query}");
         assert_eq!(body["field"], field, "query {query}");
     }

@@ -7,16 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Request};
 use axum::Router;
-use bytes::Bytes;
 use ingest_proxy::publisher::Publisher;
 use ingest_proxy::routes::{router, AppState};
 use ingest_proxy::{Application, Settings};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use test_support::oneshot::{self, Answer};
 use test_support::{brokers, unique};
-use tower::ServiceExt;
 
 pub(crate) struct TestProxy {
     pub(crate) base: String,
@@ -53,6 +51,17 @@ impl TestProxy {
 
     pub(crate) async fn post_event(&self, event: &Value) -> reqwest::Response {
         self.post("/event", "application/json", event.to_string()).await
+    }
+
+    /// `POST /event` with `Authorization: Bearer <token>`.
+    pub(crate) async fn post_event_as(&self, token: &str, event: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/event", self.base))
+            .bearer_auth(token)
+            .json(event)
+            .send()
+            .await
+            .expect("request failed")
     }
 
     pub(crate) async fn post_batch(&self, items: Vec<Value>) -> reqwest::Response {
@@ -111,52 +120,9 @@ pub(crate) struct RouteProxy {
     router: Router,
 }
 
-/// An answer of the router, its body read whole.
-pub(crate) struct Answer {
-    pub(crate) status: StatusCode,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Bytes,
-}
-
-impl Answer {
-    pub(crate) fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("a JSON body")
-    }
-
-    /// The JSON body, once the status is `status` and the body says it is JSON.
-    pub(crate) fn json_with(&self, status: StatusCode) -> Value {
-        assert_eq!(self.status, status, "unexpected status, body {:?}", self.body);
-        assert!(
-            self.headers["content-type"]
-                .to_str()
-                .expect("content-type is text")
-                .starts_with("application/json"),
-            "answers are JSON"
-        );
-        self.json()
-    }
-}
-
 impl RouteProxy {
     pub(crate) async fn post(&self, path: &str, content_type: &str, body: impl Into<Body>) -> Answer {
-        let request = Request::post(path)
-            .header("content-type", content_type)
-            .body(body.into())
-            .expect("a valid request");
-        let response = self
-            .router
-            .clone()
-            .oneshot(request)
-            .await
-            .expect("a router never fails");
-        let (parts, body) = response.into_parts();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: axum::body::to_bytes(body, usize::MAX)
-                .await
-                .expect("the body is read whole"),
-        }
+        oneshot::post(&self.router, path, &[("content-type", content_type)], body).await
     }
 
     pub(crate) async fn post_json(&self, path: &str, body: impl Into<Body>) -> Answer {

@@ -12,13 +12,10 @@ use crate::helpers::{event, spawn_proxy_with};
 async fn hostile_input_is_refused_while_valid_events_all_reach_the_topic() {
     let proxy = spawn_proxy_with(&brokers(), |s| s.http.body_timeout_ms = 800).await;
 
-    let valid = test_support::hostile::valid_traffic(proxy.base.clone(), 300, 202);
     let addr = format!("127.0.0.1:{}", proxy.port)
         .parse()
         .expect("a socket address");
-    test_support::hostile::run_all(addr, "/event", Duration::from_secs(5)).await;
-    test_support::hostile::run_all(addr, "/events/batch", Duration::from_secs(5)).await;
-    valid.await.expect("the task ran to its end");
+    test_support::hostile::run_all_beside_valid_traffic(addr, 300, 202).await;
 
     assert_eq!(proxy.get("/healthz").await.status(), 200);
     let msgs = consume(&brokers(), &proxy.topic, 300, Duration::from_secs(30));
@@ -43,28 +40,12 @@ async fn with_a_token_set_only_bearers_of_it_may_post() {
         none.json::<serde_json::Value>().await.expect("a JSON body")["field"],
         "authorization"
     );
-    let wrong = proxy
-        .client
-        .post(format!("{}/event", proxy.base))
-        .bearer_auth("guess")
-        .json(&ev)
-        .send()
-        .await
-        .expect("the request is answered");
+    let wrong = proxy.post_event_as("guess", &ev).await;
     assert_eq!(wrong.status(), 401);
     assert_eq!(proxy.get("/healthz").await.status(), 200, "health stays open");
     let mut status = 0;
     for _ in 0..300 {
-        status = proxy
-            .client
-            .post(format!("{}/event", proxy.base))
-            .bearer_auth("s3cret")
-            .json(&ev)
-            .send()
-            .await
-            .expect("the request is answered")
-            .status()
-            .as_u16();
+        status = proxy.post_event_as("s3cret", &ev).await.status().as_u16();
         if status == 202 {
             break;
         }

@@ -5,31 +5,9 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{event, route_proxy, route_proxy_with};
+use test_support::hostile::events_with_a_bad_field;
 
-/// Events each missing a field or carrying one of the wrong type, and the field at fault.
-fn events_with_a_bad_field() -> Vec<(Value, &'static str)> {
-    vec![
-        (json!({"ts": 1, "latitude": 0, "longitude": 0}), "deviceId"),
-        (json!({"deviceId": "d", "latitude": 0, "longitude": 0}), "ts"),
-        (
-            json!({"deviceId": 7, "ts": 1, "latitude": 0, "longitude": 0}),
-            "deviceId",
-        ),
-        (
-            json!({"deviceId": "d", "ts": "now", "latitude": 0, "longitude": 0}),
-            "ts",
-        ),
-        (
-            json!({"deviceId": "d", "ts": 1, "latitude": "north", "longitude": 0}),
-            "latitude",
-        ),
-        (
-            json!({"deviceId": "d", "ts": 1, "latitude": 0, "longitude": []}),
-            "longitude",
-        ),
-    ]
-}
+use crate::helpers::{event, route_proxy, route_proxy_with};
 
 #[tokio::test]
 async fn malformed_json_gets_400_malformed_json() {
