@@ -16,7 +16,7 @@
 //! changed devices are listed as they change, waiting ones are indexed, and eviction candidates
 //! are bucketed by the event time of their newest event.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::Event;
 
@@ -512,38 +512,28 @@ impl Outputs {
     }
 }
 
-/// A multiset of offsets: a bitset from the lowest one on (64 offsets a word), plus the few
-/// offsets held more than once. Offsets arrive in increasing order and leave roughly in it, so
-/// adding and removing cost O(1) and the memory is a bit per offset between the lowest buffered
-/// event and the newest (a `BTreeMap` cost O(log n) and an allocation now and then, per event).
+/// A multiset of offsets: a sparse bitset (64 offsets a word, only words with a bit set are
+/// kept), plus the few offsets held more than once. Offsets arrive in increasing order and leave
+/// roughly in it, so an event touches one word that usually exists already: no allocation per
+/// event (a `BTreeMap` of offsets allocated now and then, per event), and memory follows the
+/// events buffered, not the span of offsets between the oldest and the newest (one event held
+/// for long while millions pass must not cost a bit for each of them).
 #[derive(Debug, Default)]
 struct OffsetCounts {
-    /// Offset of bit 0 of `words[0]` (a multiple of 64); the front word is never zero.
-    base: i64,
-    words: VecDeque<u64>,
+    /// Word index (`offset.div_euclid(64)`) to its bits; never a zero word.
+    words: BTreeMap<i64, u64>,
     /// Offsets added again while their bit was set: how many times more.
     extra: HashMap<i64, u32>,
 }
 
 impl OffsetCounts {
     fn add(&mut self, offset: i64) {
-        let word_base = offset.div_euclid(64) * 64;
-        if self.words.is_empty() {
-            self.base = word_base;
-        }
-        while word_base < self.base {
-            self.words.push_front(0);
-            self.base -= 64;
-        }
-        let i = ((word_base - self.base) / 64) as usize;
-        if i >= self.words.len() {
-            self.words.resize(i + 1, 0);
-        }
+        let word = self.words.entry(offset.div_euclid(64)).or_insert(0);
         let bit = 1u64 << offset.rem_euclid(64);
-        if self.words[i] & bit != 0 {
+        if *word & bit != 0 {
             *self.extra.entry(offset).or_insert(0) += 1;
         } else {
-            self.words[i] |= bit;
+            *word |= bit;
         }
     }
 
@@ -555,20 +545,18 @@ impl OffsetCounts {
             }
             return;
         }
-        let Ok(i) = usize::try_from((offset.div_euclid(64) * 64 - self.base) / 64) else {
-            return;
-        };
-        let Some(word) = self.words.get_mut(i) else { return };
-        *word &= !(1u64 << offset.rem_euclid(64));
-        while self.words.front() == Some(&0) {
-            self.words.pop_front();
-            self.base += 64;
+        let index = offset.div_euclid(64);
+        if let Some(word) = self.words.get_mut(&index) {
+            *word &= !(1u64 << offset.rem_euclid(64));
+            if *word == 0 {
+                self.words.remove(&index);
+            }
         }
     }
 
     fn min(&self) -> Option<i64> {
-        let front = self.words.front()?;
-        Some(self.base + i64::from(front.trailing_zeros()))
+        let (index, bits) = self.words.first_key_value()?;
+        Some(index * 64 + i64::from(bits.trailing_zeros()))
     }
 }
 
@@ -849,6 +837,22 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    #[test]
+    fn offset_counts_keep_a_word_per_buffered_region_not_per_offset_passed() {
+        // One event held at offset 0 while a million later ones come and go.
+        let mut counts = OffsetCounts::default();
+        counts.add(0);
+        for offset in 1..1_000_000 {
+            counts.add(offset);
+            counts.remove(offset);
+        }
+        assert_eq!(counts.min(), Some(0));
+        assert_eq!(counts.words.len(), 1, "only the held offset's word is kept");
+        counts.remove(0);
+        assert_eq!(counts.min(), None);
+        assert!(counts.words.is_empty() && counts.extra.is_empty());
+    }
+
     proptest! {
         /// The offset multiset agrees with a plain counted map under any adds and removes of
         /// held offsets, repeated ones and ones below the lowest included.
@@ -907,7 +911,7 @@ mod tests {
             // Right after some arrival, a new identity far behind that device's max.
             let pos = late_at.index(arrivals.len());
             let device = arrivals[pos].device_id.clone();
-            let max_before = arrivals[..=pos].iter().filter(|e| e.device_id == device).map(|e| e.ts).max().unwrap();
+            let max_before = arrivals[..=pos].iter().filter(|e| e.device_id == device).map(|e| e.ts).max().expect("the event itself");
             let late = Event { device_id: device, ts: max_before - 500 - extra, latitude: 0.5, longitude: 0.5 };
             prop_assume!(!distinct.iter().any(|e| e.device_id == late.device_id && e.ts == late.ts));
             arrivals.insert(pos + 1, late.clone());
