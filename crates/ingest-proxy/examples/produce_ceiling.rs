@@ -47,13 +47,7 @@ async fn main() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(4002);
     // The topic as the proxy creates it (the benchmark gives each program a fresh broker).
-    service_common::kafka::ensure_topic_with_retry(
-        &settings.kafka.brokers,
-        &settings.kafka.topic,
-        settings.kafka.partitions,
-        settings.kafka.replication,
-    )
-    .await;
+    service_common::kafka::ensure_shared_topic(&settings.kafka, &settings.kafka.topic).await;
     let producer: FutureProducer = producer_config(&settings).create().expect("producer");
     let state = Arc::new(Ceiling {
         producer,

@@ -84,6 +84,12 @@ pub async fn ensure_topic_with_config(
     Ok(())
 }
 
+/// Creates `topic` when missing with the partitions and replication every service shares
+/// (`TOPIC_PARTITIONS`, `TOPIC_REPLICATION`), retrying until the broker answers.
+pub async fn ensure_shared_topic(kafka: &crate::settings::KafkaArgs, topic: &str) {
+    ensure_topic_with_retry(&kafka.brokers, topic, kafka.partitions, kafka.replication).await
+}
+
 /// Retries `ensure_topic` with capped backoff until it succeeds (for start-up while the broker
 /// is still coming up).
 pub async fn ensure_topic_with_retry(brokers: &str, topic: &str, partitions: i32, replication: i32) {

@@ -86,7 +86,7 @@ async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
         if pending.len() > 150_000 {
             pending
                 .pop_front()
-                .unwrap()
+                .expect("a delivery is pending")
                 .await
                 .expect("delivery")
                 .expect("delivered");
@@ -106,9 +106,10 @@ fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
             .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition added");
     }
-    consumer.assign(&tpl).unwrap();
+    consumer.assign(&tpl).expect("partitions assigned");
     let start = Instant::now();
     let (mut got, mut bytes) = (0usize, 0usize);
     while got < n {
@@ -125,14 +126,14 @@ fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
 }
 
 fn spawn(bin: &str, envs: &[(&str, String)], log: &std::path::Path) -> Child {
-    let f = std::fs::File::create(log).unwrap();
+    let f = std::fs::File::create(log).expect("log file created");
     let mut c = Command::new(bin);
     c.envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .env(
             "RUST_LOG",
             std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stdout(Stdio::from(f.try_clone().expect("log file handle cloned")))
         .stderr(Stdio::from(f));
     c.spawn().unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
 }
@@ -154,11 +155,11 @@ async fn wait_healthy(url: &str) {
 async fn total(base: &str) -> u64 {
     let body: Value = reqwest::get(format!("{base}/events?size=1"))
         .await
-        .unwrap()
+        .expect("GET /events answered")
         .json()
         .await
-        .unwrap();
-    body["total"].as_u64().unwrap()
+        .expect("GET /events is JSON");
+    body["total"].as_u64().expect("total is a count")
 }
 
 async fn raw_sink(base: &str, events: &[(usize, i64)]) -> f64 {
@@ -194,13 +195,13 @@ async fn raw_sink(base: &str, events: &[(usize, i64)]) -> f64 {
                     .body(body)
                     .send()
                     .await
-                    .unwrap();
+                    .expect("batch sent");
                 assert!(r.status().is_success());
             }
         }));
     }
     for t in tasks {
-        t.await.unwrap();
+        t.await.expect("sink client finished");
     }
     events.len() as f64 / start.elapsed().as_secs_f64()
 }
@@ -211,7 +212,7 @@ async fn main() {
     let brokers = env("KAFKA_BROKERS", "127.0.0.1:29092");
     let bin = env("BIN_DIR", "target/release");
     let dir = std::path::PathBuf::from(env("BENCH_DIR", ".local/bench/processor"));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("bench directory created");
     let topic = format!("bench-{}", std::process::id());
     service_common::kafka::ensure_topic(&brokers, &topic, PARTITIONS, 1)
         .await
@@ -232,7 +233,7 @@ async fn main() {
         move || raw_consume(&b, &t, n)
     })
     .await
-    .unwrap();
+    .expect("raw consume finished");
     println!("raw consumer read + parse          {consume_rate:>10.0} events/s");
 
     let raw_port = 25000;

@@ -48,6 +48,16 @@ pub struct Ctx {
 
 impl ClientContext for Ctx {}
 
+impl Ctx {
+    /// The partitions of the events topic in a rebalance's list.
+    fn partitions_of(&self, tpl: &rdkafka::TopicPartitionList) -> Vec<i32> {
+        tpl.elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -57,11 +67,7 @@ impl ConsumerContext for Ctx {
         }
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let parts: Vec<i32> = tpl
-                    .elements_for_topic(&self.topic)
-                    .iter()
-                    .map(|e| e.partition())
-                    .collect();
+                let parts = self.partitions_of(tpl);
                 if parts.is_empty() {
                     return;
                 }
@@ -79,11 +85,7 @@ impl ConsumerContext for Ctx {
                 }
             }
             Rebalance::Revoke(tpl) => {
-                let parts: Vec<i32> = tpl
-                    .elements_for_topic(&self.topic)
-                    .iter()
-                    .map(|e| e.partition())
-                    .collect();
+                let parts = self.partitions_of(tpl);
                 if parts.is_empty() {
                     return;
                 }

@@ -51,13 +51,7 @@ impl Application {
             .with_context(|| format!("opening state store {}", settings.state_path.display()))?;
         let brokers = settings.kafka.brokers.clone();
         for topic in [&settings.kafka.topic, &settings.dlq_topic] {
-            service_common::kafka::ensure_topic_with_retry(
-                &brokers,
-                topic,
-                settings.kafka.partitions,
-                settings.kafka.replication,
-            )
-            .await;
+            service_common::kafka::ensure_shared_topic(&settings.kafka, topic).await;
         }
         let admin = TcpListener::bind((settings.admin_bind_addr.as_str(), settings.admin_port))
             .await

@@ -131,7 +131,7 @@ mod tests {
             assert!(sizes.iter().all(|s| *s <= 10), "{n}: {sizes:?}");
             assert_eq!(sizes.len(), n.div_ceil(10), "{n}: fewest batches");
             assert!(
-                sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+                sizes.iter().max().expect("chunks") - sizes.iter().min().expect("chunks") <= 1,
                 "{n}: {sizes:?}"
             );
             let flat: Vec<usize> = batches.into_iter().flatten().collect();

@@ -231,9 +231,9 @@ mod tests {
     #[test]
     fn valid_event_round_trips_with_exercise_field_names() {
         let v = json!({"deviceId": "d-1", "ts": 1700000000000i64, "latitude": 37.7, "longitude": -122.4, "extra": 1});
-        let e = Event::from_value(&v).unwrap();
+        let e = Event::from_value(&v).expect("a valid event");
         assert_eq!(e.device_id, "d-1");
-        let back = serde_json::to_value(&e).unwrap();
+        let back = serde_json::to_value(&e).expect("an event serializes");
         assert_eq!(
             back,
             json!({"deviceId": "d-1", "ts": 1700000000000i64, "latitude": 37.7, "longitude": -122.4})
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(field_of(with("longitude", json!(-180.01))), "longitude");
         assert_eq!(field_of(with("longitude", json!(null))), "longitude");
         let mut missing = ok.clone();
-        missing.as_object_mut().unwrap().remove("latitude");
+        missing.as_object_mut().expect("an object").remove("latitude");
         assert_eq!(field_of(missing), "latitude");
     }
 
@@ -307,7 +307,7 @@ mod tests {
             br#"{"deviceId":"d","ts":9223372036854775808,"latitude":0,"longitude":0}"#,
         ];
         for case in cases {
-            let value: Value = serde_json::from_slice(case).unwrap();
+            let value: Value = serde_json::from_slice(case).expect("the case is JSON");
             let slow = Event::from_value(&value).map_err(|e| e.field);
             let fast = Event::from_json(case).map_err(|e| match e {
                 ParseError::Invalid(v) => v.field,

@@ -64,9 +64,15 @@ pub fn spawn_listening(cmd: &mut Command, port: u16) -> KillOnDrop {
     child
 }
 
-/// `bin --help` exits 0 within 30 s and prints each of `lines` (e.g. a variable and its default).
+/// `bin --help`, with an empty environment, exits 0 within 30 s and prints each of `lines` (e.g. a
+/// variable and its default).
 pub fn assert_help_lists(bin: &str, lines: &[&str]) {
-    let out = output_within(Command::new(bin).arg("--help"), Duration::from_secs(30));
+    // No environment: clap shows a set variable's value in the help (the test scripts set
+    // KAFKA_BROKERS, for one), and the help must not depend on the caller.
+    let out = output_within(
+        Command::new(bin).arg("--help").env_clear(),
+        Duration::from_secs(30),
+    );
     assert!(out.status.success(), "--help exited with {:?}", out.status);
     let help = String::from_utf8(out.stdout).expect("help is UTF-8");
     for line in lines {
@@ -77,16 +83,21 @@ pub fn assert_help_lists(bin: &str, lines: &[&str]) {
 /// `service` started with `PORT` set to one free port and `--port` to another listens on the
 /// flag's port, not on the variable's. `service` carries whatever else it needs to start.
 pub fn assert_port_flag_overrides_its_variable(service: &mut Command) {
+    assert_listen_flag_overrides_its_variable(service.env("BIND_ADDR", "127.0.0.1"), "PORT", "--port");
+}
+
+/// `service` started with the port variable `var` set to one free port and `flag` to another
+/// listens on the flag's port, not on the variable's.
+pub fn assert_listen_flag_overrides_its_variable(service: &mut Command, var: &str, flag: &str) {
     let env_port = free_port();
     let flag_port = std::iter::repeat_with(free_port)
         .find(|p| *p != env_port)
         .expect("another free port");
     let _service = spawn_listening(
         service
-            .env("PORT", env_port.to_string())
-            .env("BIND_ADDR", "127.0.0.1")
+            .env(var, env_port.to_string())
             .env("RUST_LOG", "warn")
-            .args(["--port", &flag_port.to_string()])
+            .args([flag, &flag_port.to_string()])
             .stdout(Stdio::null()),
         flag_port,
     );
