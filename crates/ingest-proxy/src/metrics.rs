@@ -4,22 +4,35 @@
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use service_common::metrics::Cached;
 
-/// Events of one request by outcome: `accepted`, `invalid` or `rejected` (broker or capacity).
-pub(crate) fn events(outcome: &'static str, n: usize) {
-    static ACCEPTED: Cached<Counter> = Cached::new();
-    static INVALID: Cached<Counter> = Cached::new();
-    static REJECTED: Cached<Counter> = Cached::new();
-    if n == 0 {
-        return;
+/// What became of an event the proxy was sent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    Accepted,
+    Invalid,
+    /// The broker or the in-flight bound refused it (503).
+    Rejected,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 3] = [Outcome::Accepted, Outcome::Invalid, Outcome::Rejected];
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Invalid => "invalid",
+            Outcome::Rejected => "rejected",
+        }
     }
-    let make = || counter!("ingest_proxy_events_total", "outcome" => outcome);
-    let counter = match outcome {
-        "accepted" => ACCEPTED.get(make),
-        "invalid" => INVALID.get(make),
-        "rejected" => REJECTED.get(make),
-        _ => make(),
-    };
-    counter.increment(n as u64);
+}
+
+/// Events of one request by outcome.
+pub(crate) fn events(outcome: Outcome, n: usize) {
+    static COUNTERS: [Cached<Counter>; 3] = [Cached::new(), Cached::new(), Cached::new()];
+    if n > 0 {
+        COUNTERS[outcome as usize]
+            .get(|| counter!("ingest_proxy_events_total", "outcome" => outcome.label()))
+            .increment(n as u64);
+    }
 }
 
 /// Time from handing a request's events to the producer to the broker's last acknowledgement.
@@ -40,8 +53,8 @@ pub(crate) fn broker_up(up: bool) {
 
 /// Registers the series at zero, so dashboards and alerts see them before the first event.
 pub(crate) fn init() {
-    for outcome in ["accepted", "invalid", "rejected"] {
-        counter!("ingest_proxy_events_total", "outcome" => outcome).increment(0);
+    for outcome in Outcome::ALL {
+        counter!("ingest_proxy_events_total", "outcome" => outcome.label()).increment(0);
     }
     in_flight(0);
     broker_up(false);

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use service_common::{require_json, ApiError, BodyKind};
 use telemetry_core::{Event, ParseError};
 
+use crate::metrics::Outcome;
 use crate::publisher::{Ack, PublishError, Publisher};
 use crate::Settings;
 
@@ -107,7 +108,7 @@ async fn post_event(
     require_token(&state, &parts.headers)?;
     require_json(&parts.headers, false)?;
     let bytes = state.settings.http.read_body(body).await?;
-    let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events("invalid", 1))?;
+    let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events(Outcome::Invalid, 1))?;
     let result = state
         .publisher
         .publish(std::slice::from_ref(&event))
@@ -115,7 +116,7 @@ async fn post_event(
         .remove(0);
     match result {
         Ok(ack) => {
-            crate::metrics::events("accepted", 1);
+            crate::metrics::events(Outcome::Accepted, 1);
             let body = format!(
                 r#"{{"status":"accepted","partition":{},"offset":{}}}"#,
                 ack.partition, ack.offset
@@ -128,7 +129,7 @@ async fn post_event(
                 .into_response())
         }
         Err(e) => {
-            crate::metrics::events("rejected", 1);
+            crate::metrics::events(Outcome::Rejected, 1);
             Err(unavailable(&e, &state.settings))
         }
     }
@@ -224,9 +225,9 @@ async fn post_batch(
             },
         })
         .collect();
-    crate::metrics::events("accepted", accepted);
-    crate::metrics::events("invalid", invalid);
-    crate::metrics::events("rejected", rejected);
+    crate::metrics::events(Outcome::Accepted, accepted);
+    crate::metrics::events(Outcome::Invalid, invalid);
+    crate::metrics::events(Outcome::Rejected, rejected);
 
     let status = if accepted == items.len() {
         StatusCode::ACCEPTED
