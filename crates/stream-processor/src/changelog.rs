@@ -47,13 +47,8 @@ pub struct PartitionState {
     pub keys: HashMap<String, BTreeMap<i64, (u64, u64)>>,
     /// Batches not yet acknowledged, by sequence.
     pub outbox: BTreeMap<i64, OutboxBatch>,
-    /// The cleanup settings the events below `decided_offset` were decided with (those below
-    /// an offset of `decided_before` excepted).
+    /// The cleanup settings the events below `decided_offset` were decided with.
     pub decided_with: Option<DecidedWith>,
-    /// Earlier settings still needed: the events below each offset (ascending, all above the
-    /// resume offset) were decided with its settings. Only after a restart with other settings,
-    /// until the resume offset passes the offset where they changed.
-    pub decided_before: Vec<(i64, DecidedWith)>,
 }
 
 /// The cleanup settings that decide an event's outcome (the idle timeout only decides when
@@ -136,7 +131,6 @@ impl PartitionState {
                 self.next_seq = c.next_seq;
                 if c.decided_with.is_some() {
                     self.decided_with = c.decided_with;
-                    self.decided_before = c.decided_before.clone();
                 }
                 if let Some(acked) = c.acked_through {
                     self.outbox = self.outbox.split_off(&(acked + 1));
@@ -186,7 +180,6 @@ impl PartitionState {
             next_seq: self.next_seq,
             acked_through: None,
             decided_with: self.decided_with,
-            decided_before: self.decided_before.clone(),
         }));
         records
     }
@@ -263,9 +256,6 @@ pub struct Commit {
     /// The cleanup settings of the decisions below `decided_offset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_with: Option<DecidedWith>,
-    /// Earlier settings of the decisions below each offset (see `PartitionState`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub decided_before: Vec<(i64, DecidedWith)>,
 }
 
 /// One changelog record.
@@ -303,8 +293,6 @@ struct Wire<'a> {
     next_seq: Option<i64>,
     acked_through: Option<i64>,
     decided_with: Option<DecidedWith>,
-    #[serde(default)]
-    decided_before: Vec<(i64, DecidedWith)>,
 }
 
 /// A record that could not be read.
@@ -357,7 +345,6 @@ impl Record {
                 next_seq: w.next_seq.ok_or_else(|| missing("next_seq"))?,
                 acked_through: w.acked_through,
                 decided_with: w.decided_with,
-                decided_before: w.decided_before,
             }),
             other => {
                 return Err(err(serde_json::Error::unknown_variant(
@@ -388,7 +375,6 @@ mod tests {
             next_seq,
             acked_through: acked,
             decided_with: None,
-            decided_before: Vec::new(),
         })
     }
 

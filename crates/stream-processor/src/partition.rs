@@ -117,12 +117,9 @@ pub struct Partition {
     next_offset: i64,
     /// Below this offset every event was decided in a committed checkpoint.
     decided_offset: i64,
-    /// Restored with other cleanup settings than the committed decisions used: the events below
-    /// each offset (ascending) were decided with its settings, and are decided with them when
-    /// read again; this owner's settings apply beyond the last. Entries are kept, and written
-    /// with every checkpoint, until the resume offset passes them: a later restore reads those
-    /// events again too.
-    history: Vec<(i64, CleanupConfig)>,
+    /// Restored with other cleanup settings than the committed decisions used: those stay in
+    /// force while events below `decided_offset` are read again, then these take over.
+    switch_at: Option<(i64, CleanupConfig)>,
     next_seq: i64,
     /// Committed batches not yet acknowledged, in sequence order.
     outbox: VecDeque<OutboxBatch>,
@@ -157,31 +154,20 @@ impl Partition {
         let keys = state.seen_keys();
         let marks = state.marks.into_iter().collect();
         let resume = state.resume_offset.unwrap_or(0);
-        let with = |d: DecidedWith| CleanupConfig {
-            allowed_lateness_ms: d.allowed_lateness_ms,
-            dedup_horizon_ms: d.dedup_horizon_ms,
-            ..cfg.cleanup
+        let (cleanup, switch_at) = match state.decided_with {
+            Some(old) if old != decided_with(&cfg.cleanup) && state.decided_offset > resume => {
+                let replay = CleanupConfig {
+                    allowed_lateness_ms: old.allowed_lateness_ms,
+                    dedup_horizon_ms: old.dedup_horizon_ms,
+                    ..cfg.cleanup
+                };
+                (replay, Some((state.decided_offset, cfg.cleanup)))
+            }
+            _ => (cfg.cleanup, None),
         };
-        let mut history: Vec<(i64, CleanupConfig)> = Vec::new();
-        let committed = state.decided_with.map(|d| (state.decided_offset, d));
-        for (until, d) in state.decided_before.into_iter().chain(committed) {
-            if until <= resume {
-                continue; // never read again
-            }
-            match history.last_mut() {
-                // The same settings as just below: one stretch.
-                Some(last) if last.1 == with(d) => last.0 = until,
-                _ => history.push((until, with(d))),
-            }
-        }
-        // The stretch just below this owner's settings, if equal, needs no entry.
-        if history.last().is_some_and(|(_, c)| *c == cfg.cleanup) {
-            history.pop();
-        }
-        let cleanup = config_at(&history, &cfg.cleanup, resume);
         Partition {
             cleaner: Cleaner::restore(cleanup, marks, keys, now),
-            history,
+            switch_at,
             batcher: Batcher::new(cfg.batch_size, cfg.batch_linger_ms),
             next_offset: resume,
             decided_offset: state.decided_offset,
@@ -246,8 +232,8 @@ impl Partition {
             // Stopped, or below the resume offset: the restored state already covers it.
             return Actions::default();
         }
-        if !self.history.is_empty() {
-            self.use_settings_of(offset);
+        if self.switch_at.is_some_and(|(at, _)| offset >= at) {
+            self.take_new_settings();
         }
         self.next_offset = offset + 1;
         self.dirty = true;
@@ -291,10 +277,10 @@ impl Partition {
     pub fn on_tick(&mut self, now: u64, quiet_at: Option<u64>) -> Actions {
         if !self.stopped {
             if let Some(at) = quiet_at {
-                // Nothing unread: the settings of the next offset to read (not of the high
-                // watermark, which may be stale) rule what is released now.
-                if !self.history.is_empty() {
-                    self.use_settings_of(self.next_offset);
+                // Nothing unread and everything decided before read again (a stale "quiet"
+                // must not switch the settings early).
+                if self.switch_at.is_some_and(|(at, _)| self.next_offset >= at) {
+                    self.take_new_settings();
                 }
                 self.cleaner.tick(at);
             }
@@ -364,20 +350,18 @@ impl Partition {
         }
     }
 
-    /// Decides from now on with the settings of the events at `offset`.
-    fn use_settings_of(&mut self, offset: i64) {
-        let want = config_at(&self.history, &self.cfg.cleanup, offset);
-        if want != *self.cleaner.config() {
-            self.cleaner.set_config(want);
+    /// The cleanup settings this owner was started with, once the events decided with the
+    /// committed ones have been read again.
+    fn take_new_settings(&mut self) {
+        if let Some((_, config)) = self.switch_at.take() {
+            self.cleaner.set_config(config);
         }
     }
 
-    /// Whether events still to be read again will be decided with committed cleanup settings
-    /// that differ from this owner's.
+    /// Whether events read again are decided with the committed cleanup settings (they differ
+    /// from this owner's).
     pub fn replays_with_committed_settings(&self) -> bool {
-        self.history
-            .iter()
-            .any(|(until, c)| *until > self.next_offset && *c != self.cfg.cleanup)
+        self.switch_at.is_some()
     }
 
     /// Stops feeding the partition (revocation or shutdown); with `keep_sending`, the outbox
@@ -531,23 +515,11 @@ impl Partition {
         // Read again after a restore, the events below the committed decided offset are decided
         // anew: the position never goes back, or their dead letters would be written twice.
         let decided_offset = self.decided_offset.max(self.next_offset);
-        // Settings no longer needed once every event below them is behind the resume offset.
-        self.history.retain(|(until, _)| *until > resume_offset);
         records.push(Record::Commit(Commit {
             id: format!("{}-{number}", self.cfg.writer),
             resume_offset,
             decided_offset,
-            decided_with: Some(decided_with(&config_at(
-                &self.history,
-                &self.cfg.cleanup,
-                decided_offset - 1,
-            ))),
-            decided_before: self
-                .history
-                .iter()
-                .filter(|(until, _)| *until < decided_offset)
-                .map(|(until, c)| (*until, decided_with(c)))
-                .collect(),
+            decided_with: Some(decided_with(self.cleaner.config())),
             next_seq: self.next_seq,
             // A snapshot holds only unacknowledged batches already.
             acked_through: if snapshot { None } else { acked },
@@ -576,15 +548,6 @@ impl Partition {
             split,
         }
     }
-}
-
-/// The settings that decided (or decide) the event at `offset`: those of the first stretch of
-/// `history` reaching above it, else `current`.
-fn config_at(history: &[(i64, CleanupConfig)], current: &CleanupConfig, offset: i64) -> CleanupConfig {
-    history
-        .iter()
-        .find(|(until, _)| *until > offset)
-        .map_or(*current, |(_, c)| *c)
 }
 
 /// The settings that decide outcomes, as a checkpoint records them.
@@ -959,69 +922,6 @@ mod tests {
             again.decided_with.map(|d| d.allowed_lateness_ms),
             Some(10),
             "{last:?}"
-        );
-    }
-
-    #[test]
-    fn settings_of_events_read_again_survive_a_second_restart() {
-        let of = |device: &str, ts: i64| {
-            format!(r#"{{"deviceId":"{device}","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
-        };
-        let mut p = fresh();
-        let mut state = PartitionState::default();
-        // Lateness 100 ms: d@1000 and d@1060 wait (offsets 0, 1).
-        for (o, ts) in [(0, 1000), (1, 1060)] {
-            let a = p.on_event(None, &of("d", ts), o, 0);
-            commit_through(&mut p, &mut state, a, 0);
-        }
-        let a = p.flush(0);
-        commit_through(&mut p, &mut state, a, 0);
-        assert_eq!((state.resume_offset, state.decided_offset), (Some(0), 2));
-        // Restarted with lateness 10 ms: offsets 0 and 1 are decided as before (both wait), then
-        // e@5000 at offset 2 is decided with 10 ms. d@1000 still waits (d sent nothing newer),
-        // so the resume offset stays 0 while the decided offset moves to 3.
-        let mut strict = cfg();
-        strict.cleanup.allowed_lateness_ms = 10;
-        let mut q = Partition::restore(strict.clone(), state.clone(), 0, 1);
-        for (o, device, ts) in [(0, "d", 1000), (1, "d", 1060), (2, "e", 5000)] {
-            let a = q.on_event(None, &of(device, ts), o, 1);
-            let (letters, _) = commit_through(&mut q, &mut state, a, 1);
-            assert!(letters.is_empty(), "offset {o}: {letters:?}");
-        }
-        let a = q.flush(1);
-        commit_through(&mut q, &mut state, a, 1);
-        assert_eq!((state.resume_offset, state.decided_offset), (Some(0), 3));
-        assert_eq!(
-            state
-                .decided_before
-                .iter()
-                .map(|(u, d)| (*u, d.allowed_lateness_ms))
-                .collect::<Vec<_>>(),
-            vec![(2, 100)],
-            "the checkpoint says offsets below 2 were decided with 100 ms"
-        );
-        // Killed, and restored again with the same 10 ms: under 10 ms d@1000 would be late behind
-        // the restored mark (1060) and, below the decided offset, get no dead letter: lost.
-        let mut r = Partition::restore(strict, state.clone(), 0, 2);
-        assert!(r.replays_with_committed_settings());
-        let mut letters = Vec::new();
-        for (o, device, ts) in [(0, "d", 1000), (1, "d", 1060), (2, "e", 5000)] {
-            let a = r.on_event(None, &of(device, ts), o, 2);
-            letters.extend(commit_through(&mut r, &mut state, a, 2).0);
-        }
-        let a = r.on_tick(10_000, Some(10_000));
-        letters.extend(commit_through(&mut r, &mut state, a, 10_000).0);
-        let a = r.flush(10_000);
-        letters.extend(commit_through(&mut r, &mut state, a, 10_000).0);
-        assert!(letters.is_empty(), "{letters:?}");
-        assert_eq!(
-            outbox_ts(&state),
-            vec![1000, 1060, 5000],
-            "nothing read again vanished"
-        );
-        assert!(
-            state.decided_before.is_empty(),
-            "once the resume offset passed offset 2 the old settings are dropped"
         );
     }
 

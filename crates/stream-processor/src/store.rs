@@ -335,13 +335,6 @@ mod tests {
                 allowed_lateness_ms: 5_000,
                 dedup_horizon_ms: resume,
             }),
-            decided_before: vec![(
-                resume,
-                DecidedWith {
-                    allowed_lateness_ms: 7,
-                    dedup_horizon_ms: resume,
-                },
-            )],
         })
     }
 
