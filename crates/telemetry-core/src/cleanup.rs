@@ -204,13 +204,31 @@ impl Cleaner {
         }
     }
 
-    /// Changes the settings from the next event on (what is buffered stays, and is released by
-    /// the new watermarks as events arrive).
+    /// Changes the settings from the next event on. With a lower lateness, what waits below its
+    /// device's new watermark is released at once; otherwise what is buffered stays, and is
+    /// released by the new watermarks as events arrive.
     pub fn set_config(&mut self, config: CleanupConfig) {
         let horizon_changed = config.dedup_horizon_ms != self.config.dedup_horizon_ms;
+        let lateness_lowered = config.allowed_lateness_ms < self.config.allowed_lateness_ms;
         self.config = config;
         if horizon_changed {
             self.rebucket();
+        }
+        if lateness_lowered {
+            // What waits below a device's new watermark is released now, so that whatever waits
+            // is at or above its device's watermark under the settings in force: a checkpoint
+            // records those settings, and an event read again after a restore is decided by them
+            // against the restored marks (one still waiting below the watermark would turn late
+            // there, and vanish).
+            let horizon = self.horizon();
+            let lateness = self.config.allowed_lateness_ms;
+            let waiting: Vec<String> = self.out.waiting.iter().cloned().collect();
+            for id in waiting {
+                if let Some(device) = self.devices.get_mut(&id) {
+                    let watermark = device.watermark(lateness);
+                    self.out.release_through(&id, device, watermark, horizon);
+                }
+            }
         }
     }
 
