@@ -47,18 +47,81 @@ pub struct PartitionState {
     pub keys: HashMap<String, BTreeMap<i64, (u64, u64)>>,
     /// Batches not yet acknowledged, by sequence.
     pub outbox: BTreeMap<i64, OutboxBatch>,
-    /// The cleanup settings the events below `decided_offset` were decided with.
-    pub decided_with: Option<DecidedWith>,
+    /// The offsets below `decided_offset` whose events were waiting in a reorder buffer: read
+    /// again after a restore, exactly these go back into the buffers, and every other event
+    /// below the decided offset was decided already (released, dropped or dead-lettered).
+    pub waiting: OffsetRanges,
+    /// The last commit records `waiting` (a changelog written before it did not: its events
+    /// below the decided offset can only be decided again).
+    pub waiting_known: bool,
 }
 
-/// The cleanup settings that decide an event's outcome (the idle timeout only decides when
-/// buffers are released, which the state records). Read again below the decided offset, events
-/// must be decided with the same settings, or an event buffered then could turn late now and
-/// vanish (its dead letter is not written twice), or a forgotten device could come back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DecidedWith {
-    pub allowed_lateness_ms: i64,
-    pub dedup_horizon_ms: i64,
+/// A set of offsets as disjoint ranges `[start, end)`: the events waiting in reorder buffers,
+/// which come mostly in runs of consecutive offsets.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OffsetRanges(BTreeMap<i64, i64>);
+
+impl OffsetRanges {
+    pub fn contains(&self, offset: i64) -> bool {
+        self.0
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, end)| offset < *end)
+    }
+
+    pub fn insert(&mut self, start: i64, end: i64) {
+        if start >= end {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        // Merge every range that overlaps or touches [start, end).
+        if let Some((&s, &e)) = self.0.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let touching: Vec<(i64, i64)> = self.0.range(start..=end).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in touching {
+            self.0.remove(&s);
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+    }
+
+    pub fn remove(&mut self, start: i64, end: i64) {
+        if start >= end {
+            return;
+        }
+        if let Some((&s, &e)) = self.0.range(..start).next_back() {
+            if e > start {
+                self.0.insert(s, start);
+                if e > end {
+                    self.0.insert(end, e);
+                }
+            }
+        }
+        let inside: Vec<(i64, i64)> = self.0.range(start..end).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in inside {
+            self.0.remove(&s);
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
+    }
+
+    pub fn ranges(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+        self.0.iter().map(|(s, e)| (*s, *e))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Offsets held.
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|(s, e)| (e - s) as u64).sum()
+    }
 }
 
 impl PartitionState {
@@ -124,14 +187,18 @@ impl PartitionState {
                         }
                     }
                 }
+                for (start, end) in &delta.waiting_removed {
+                    self.waiting.remove(*start, *end);
+                }
+                for (start, end) in &delta.waiting_added {
+                    self.waiting.insert(*start, *end);
+                }
             }
             Record::Commit(c) => {
                 self.resume_offset = Some(c.resume_offset);
                 self.decided_offset = c.decided_offset;
                 self.next_seq = c.next_seq;
-                if c.decided_with.is_some() {
-                    self.decided_with = c.decided_with;
-                }
+                self.waiting_known = c.waiting_known;
                 if let Some(acked) = c.acked_through {
                     self.outbox = self.outbox.split_off(&(acked + 1));
                 }
@@ -140,14 +207,17 @@ impl PartitionState {
     }
 
     /// The whole state as records (a snapshot), without the closing commit: a `Reset`, the
-    /// marks and keys in chunks, then the outbox.
+    /// marks, keys and waiting offsets in chunks, then the outbox.
     pub fn snapshot_records(
         marks: Vec<(String, DeviceMark)>,
         keys: Vec<SeenKey>,
+        waiting: Vec<(i64, i64)>,
         outbox: impl IntoIterator<Item = OutboxBatch>,
     ) -> Vec<Record> {
         let mut out = vec![Record::Reset];
         let all = StateDelta {
+            waiting_added: waiting,
+            waiting_removed: Vec::new(),
             evicted: Vec::new(),
             marks: marks
                 .into_iter()
@@ -171,15 +241,19 @@ impl PartitionState {
     /// This state as snapshot records (with its commit), e.g. to seed the local cache.
     pub fn to_records(&self, id: &str) -> Vec<Record> {
         let marks = self.marks.iter().map(|(d, m)| (d.clone(), *m)).collect();
-        let mut records =
-            PartitionState::snapshot_records(marks, self.seen_keys(), self.outbox.values().cloned());
+        let mut records = PartitionState::snapshot_records(
+            marks,
+            self.seen_keys(),
+            self.waiting.ranges().collect(),
+            self.outbox.values().cloned(),
+        );
         records.push(Record::Commit(Commit {
             id: id.to_owned(),
             resume_offset: self.resume_offset.unwrap_or(0),
             decided_offset: self.decided_offset,
             next_seq: self.next_seq,
             acked_through: None,
-            decided_with: self.decided_with,
+            waiting_known: self.waiting_known,
         }));
         records
     }
@@ -203,11 +277,18 @@ pub struct StateDelta {
     /// (device, every key below this ts is dropped)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<(String, i64)>,
+    /// Waiting offsets that left the buffers: ranges `[start, end)` (they may span offsets
+    /// that were not waiting).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_removed: Vec<(i64, i64)>,
+    /// Offsets newly waiting: ranges `[start, end)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_added: Vec<(i64, i64)>,
 }
 
 impl StateDelta {
     /// The same changes as records of at most about [`CHUNK_BYTES`] each, in an order that
-    /// applies the same: evictions, marks, keys, prunes.
+    /// applies the same: evictions, marks, keys, prunes, waiting offsets removed, then added.
     pub fn into_chunks(self) -> Vec<StateDelta> {
         let mut out = Vec::new();
         let mut cur = StateDelta::default();
@@ -235,6 +316,14 @@ impl StateDelta {
             room(&mut cur, &mut bytes, p.0.len() + 28, &mut out);
             cur.pruned.push(p);
         }
+        for r in self.waiting_removed {
+            room(&mut cur, &mut bytes, 44, &mut out);
+            cur.waiting_removed.push(r);
+        }
+        for r in self.waiting_added {
+            room(&mut cur, &mut bytes, 44, &mut out);
+            cur.waiting_added.push(r);
+        }
         if cur != StateDelta::default() {
             out.push(cur);
         }
@@ -253,9 +342,10 @@ pub struct Commit {
     /// Batches up to this sequence were acknowledged by the sink: they leave the outbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acked_through: Option<i64>,
-    /// The cleanup settings of the decisions below `decided_offset`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decided_with: Option<DecidedWith>,
+    /// The checkpoint's state records the waiting offsets below `decided_offset` (always, since
+    /// they were introduced; absent in an older changelog).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting_known: bool,
 }
 
 /// One changelog record.
@@ -287,12 +377,17 @@ struct Wire<'a> {
     keys: Vec<(String, i64, u64, u64)>,
     #[serde(default)]
     pruned: Vec<(String, i64)>,
+    #[serde(default)]
+    waiting_removed: Vec<(i64, i64)>,
+    #[serde(default)]
+    waiting_added: Vec<(i64, i64)>,
     id: Option<String>,
     resume_offset: Option<i64>,
     decided_offset: Option<i64>,
     next_seq: Option<i64>,
     acked_through: Option<i64>,
-    decided_with: Option<DecidedWith>,
+    #[serde(default)]
+    waiting_known: bool,
 }
 
 /// A record that could not be read.
@@ -337,6 +432,8 @@ impl Record {
                 marks: w.marks,
                 keys: w.keys,
                 pruned: w.pruned,
+                waiting_removed: w.waiting_removed,
+                waiting_added: w.waiting_added,
             }),
             "commit" => Record::Commit(Commit {
                 id: w.id.ok_or_else(|| missing("id"))?,
@@ -344,7 +441,7 @@ impl Record {
                 decided_offset: w.decided_offset.ok_or_else(|| missing("decided_offset"))?,
                 next_seq: w.next_seq.ok_or_else(|| missing("next_seq"))?,
                 acked_through: w.acked_through,
-                decided_with: w.decided_with,
+                waiting_known: w.waiting_known,
             }),
             other => {
                 return Err(err(serde_json::Error::unknown_variant(
@@ -374,7 +471,7 @@ mod tests {
             decided_offset: resume + 1,
             next_seq,
             acked_through: acked,
-            decided_with: None,
+            waiting_known: true,
         })
     }
 
@@ -396,6 +493,8 @@ mod tests {
                 marks: vec![("d".into(), 10, 5)],
                 keys: vec![("d".into(), 5, u64::MAX, 1)],
                 pruned: vec![("e".into(), 2)],
+                waiting_removed: vec![(0, 4)],
+                waiting_added: vec![(7, 9), (12, 13)],
             }),
             commit("w-1", 7, 4, Some(2)),
         ];
@@ -417,6 +516,7 @@ mod tests {
                 marks: keys.iter().map(|(d, ts)| (d.to_string(), *ts, *ts)).collect(),
                 keys: keys.iter().map(|(d, ts)| (d.to_string(), *ts, 1, 2)).collect(),
                 pruned: pruned.iter().map(|(d, b)| (d.to_string(), *b)).collect(),
+                ..StateDelta::default()
             })
         };
         for r in [
@@ -448,6 +548,34 @@ mod tests {
         assert_eq!(other, s);
     }
 
+    proptest::proptest! {
+        /// The range set agrees with a plain set under any inserts and removes.
+        #[test]
+        fn offset_ranges_behave_like_a_set(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0i64..300, 0i64..40), 1..200),
+        ) {
+            let mut ranges = OffsetRanges::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (insert, start, len) in ops {
+                if insert {
+                    ranges.insert(start, start + len);
+                    model.extend(start..start + len);
+                } else {
+                    ranges.remove(start, start + len);
+                    model.retain(|o| !(start..start + len).contains(o));
+                }
+                let held: Vec<i64> = ranges.ranges().flat_map(|(a, b)| a..b).collect();
+                proptest::prop_assert_eq!(&held, &model.iter().copied().collect::<Vec<_>>());
+                let runs: Vec<(i64, i64)> = ranges.ranges().collect();
+                proptest::prop_assert!(runs.windows(2).all(|w| w[0].1 < w[1].0), "maximal: {:?}", runs);
+                proptest::prop_assert_eq!(ranges.len(), model.len() as u64);
+                for o in -1..345 {
+                    proptest::prop_assert_eq!(ranges.contains(o), model.contains(&o));
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_large_snapshot_is_chunked() {
         let keys: Vec<SeenKey> = (0..25_000)
@@ -458,7 +586,7 @@ mod tests {
                 longitude_bits: 0,
             })
             .collect();
-        let records = PartitionState::snapshot_records(vec![], keys, vec![]);
+        let records = PartitionState::snapshot_records(vec![], keys, vec![], vec![]);
         assert!(records.len() >= 4, "reset and several chunks: {}", records.len());
         for r in &records {
             assert!(

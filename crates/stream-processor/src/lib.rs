@@ -11,6 +11,8 @@ pub mod failpoint;
 mod metrics;
 pub mod partition;
 pub mod pipeline;
+#[cfg(test)]
+mod replay_tests;
 pub mod restore;
 pub mod sink;
 pub mod startup;

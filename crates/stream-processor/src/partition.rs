@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use telemetry_core::{balanced_chunks, Batcher, Cleaner, CleanupConfig, Event, Outcome};
 
-use crate::changelog::{batch_id, Commit, DecidedWith, OutboxBatch, PartitionState, Record, StateDelta};
+use crate::changelog::{batch_id, Commit, OffsetRanges, OutboxBatch, PartitionState, Record, StateDelta};
 
 /// What a partition needs to know besides its state.
 #[derive(Debug, Clone)]
@@ -108,6 +108,17 @@ struct InFlight {
     bytes: usize,
 }
 
+/// After a restore, the events below the committed decided offset are read again; they were
+/// decided then, and are not decided again (against restored marks that already count later
+/// events, an event could come out otherwise: stored after its dead letter, or late and lost).
+#[derive(Debug)]
+struct Replay {
+    until: i64,
+    /// The offsets below `until` that were waiting: exactly these go back into the buffers.
+    /// `None` for a changelog that did not record them: those events are decided again.
+    waiting: Option<OffsetRanges>,
+}
+
 /// One partition's state and protocol.
 #[derive(Debug)]
 pub struct Partition {
@@ -117,9 +128,16 @@ pub struct Partition {
     next_offset: i64,
     /// Below this offset every event was decided in a committed checkpoint.
     decided_offset: i64,
-    /// Restored with other cleanup settings than the committed decisions used: those stay in
-    /// force while events below `decided_offset` are read again, then these take over.
-    switch_at: Option<(i64, CleanupConfig)>,
+    /// Reading again what the restored checkpoint decided; no checkpoint is taken meanwhile
+    /// (the buffers are not whole until the decided offset is reached).
+    replay: Option<Replay>,
+    /// The decided offset of the last checkpoint taken: the waiting offsets below it are on
+    /// the changelog, and those released since must be removed there.
+    recorded_through: i64,
+    /// Offsets below `recorded_through` released since the last checkpoint.
+    released_below: Vec<i64>,
+    /// The next checkpoint is a snapshot (the changelog's waiting offsets are not known).
+    force_snapshot: bool,
     next_seq: i64,
     /// Committed batches not yet acknowledged, in sequence order.
     outbox: VecDeque<OutboxBatch>,
@@ -154,20 +172,16 @@ impl Partition {
         let keys = state.seen_keys();
         let marks = state.marks.into_iter().collect();
         let resume = state.resume_offset.unwrap_or(0);
-        let (cleanup, switch_at) = match state.decided_with {
-            Some(old) if old != decided_with(&cfg.cleanup) && state.decided_offset > resume => {
-                let replay = CleanupConfig {
-                    allowed_lateness_ms: old.allowed_lateness_ms,
-                    dedup_horizon_ms: old.dedup_horizon_ms,
-                    ..cfg.cleanup
-                };
-                (replay, Some((state.decided_offset, cfg.cleanup)))
-            }
-            _ => (cfg.cleanup, None),
-        };
+        let replay = (state.decided_offset > resume).then(|| Replay {
+            until: state.decided_offset,
+            waiting: state.waiting_known.then_some(state.waiting),
+        });
         Partition {
-            cleaner: Cleaner::restore(cleanup, marks, keys, now),
-            switch_at,
+            cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now),
+            force_snapshot: state.resume_offset.is_some() && !state.waiting_known,
+            replay,
+            recorded_through: state.decided_offset,
+            released_below: Vec::new(),
             batcher: Batcher::new(cfg.batch_size, cfg.batch_linger_ms),
             next_offset: resume,
             decided_offset: state.decided_offset,
@@ -232,9 +246,44 @@ impl Partition {
             // Stopped, or below the resume offset: the restored state already covers it.
             return Actions::default();
         }
-        if self.switch_at.is_some_and(|(at, _)| offset >= at) {
-            self.take_new_settings();
+        match self.replay.as_ref().filter(|r| offset < r.until) {
+            Some(Replay {
+                waiting: Some(waiting),
+                ..
+            }) => {
+                // Decided before: what was waiting goes back as it was, the rest was released,
+                // dropped or dead-lettered then.
+                if waiting.contains(offset) {
+                    if let Ok(event) = Event::from_json(payload) {
+                        self.cleaner.rebuffer(event, offset, now);
+                    }
+                }
+                self.next_offset = offset + 1;
+            }
+            // An older changelog: decided again (no dead letter below the decided offset).
+            Some(Replay { waiting: None, .. }) => self.decide(key, payload, offset, now),
+            None => {
+                self.end_replay();
+                self.decide(key, payload, offset, now);
+            }
         }
+        if self.replay.as_ref().is_some_and(|r| self.next_offset >= r.until) {
+            self.end_replay();
+        }
+        self.take_released(now);
+        self.next_actions(now, false)
+    }
+
+    /// The buffers are whole again: what waits at or below its device's watermark under this
+    /// owner's settings (a lower lateness than the checkpoint's) is released, and checkpoints
+    /// resume.
+    fn end_replay(&mut self) {
+        if self.replay.take().is_some() {
+            self.cleaner.release_below_watermarks();
+        }
+    }
+
+    fn decide(&mut self, key: Option<&[u8]>, payload: &[u8], offset: i64, now: u64) {
         self.next_offset = offset + 1;
         self.dirty = true;
         self.counts.consumed += 1;
@@ -268,20 +317,14 @@ impl Partition {
                 source_offset: offset,
             });
         }
-        self.take_released(now);
-        self.next_actions(now, false)
     }
 
     /// Timer: releases idle devices (judged at `quiet_at`, the latest processing time at which
     /// nothing of the partition waited unread) and checkpoints what is due.
     pub fn on_tick(&mut self, now: u64, quiet_at: Option<u64>) -> Actions {
         if !self.stopped {
-            if let Some(at) = quiet_at {
-                // Nothing unread and everything decided before read again (a stale "quiet"
-                // must not switch the settings early).
-                if self.switch_at.is_some_and(|(at, _)| self.next_offset >= at) {
-                    self.take_new_settings();
-                }
+            // Not while reading again: the buffers are not whole (and a stale "quiet" may come).
+            if let Some(at) = quiet_at.filter(|_| self.replay.is_none()) {
                 self.cleaner.tick(at);
             }
             self.take_released(now);
@@ -350,18 +393,10 @@ impl Partition {
         }
     }
 
-    /// The cleanup settings this owner was started with, once the events decided with the
-    /// committed ones have been read again.
-    fn take_new_settings(&mut self) {
-        if let Some((_, config)) = self.switch_at.take() {
-            self.cleaner.set_config(config);
-        }
-    }
-
-    /// Whether events read again are decided with the committed cleanup settings (they differ
-    /// from this owner's).
-    pub fn replays_with_committed_settings(&self) -> bool {
-        self.switch_at.is_some()
+    /// Whether the events below the restored checkpoint's decided offset are still being read
+    /// again (no checkpoint is taken meanwhile).
+    pub fn is_replaying(&self) -> bool {
+        self.replay.is_some()
     }
 
     /// Stops feeding the partition (revocation or shutdown); with `keep_sending`, the outbox
@@ -390,7 +425,13 @@ impl Partition {
         self.in_flight.is_none() && !self.has_unrecorded()
     }
 
+    /// Something to checkpoint; never while reading again (stopped then, what was rebuilt is
+    /// dropped: the next owner rebuilds it from the same checkpoint).
     fn has_unrecorded(&self) -> bool {
+        self.replay.is_none() && self.has_changes()
+    }
+
+    fn has_changes(&self) -> bool {
         !self.batcher.is_empty()
             || self.dirty
             || !self.dead_letters.is_empty()
@@ -408,6 +449,9 @@ impl Partition {
     fn take_released(&mut self, now: u64) {
         if self.cleaner.has_released() {
             let released = self.cleaner.drain_released();
+            let below = self.recorded_through;
+            self.released_below
+                .extend(released.iter().map(|r| r.offset).filter(|o| *o < below));
             self.batcher.extend(released.into_iter().map(|r| r.event), now);
         }
     }
@@ -417,9 +461,7 @@ impl Partition {
         if self.in_flight.is_none() {
             let interval_passed =
                 now.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_interval_ms;
-            let due = self.batcher.is_due(now)
-                || (interval_passed && self.has_unrecorded())
-                || (force && self.has_unrecorded());
+            let due = self.has_unrecorded() && (self.batcher.is_due(now) || interval_passed || force);
             if due {
                 actions.checkpoint = Some(self.checkpoint(now));
             }
@@ -478,14 +520,32 @@ impl Partition {
             .snapshot_bytes
             .min(2 * self.state_estimate())
             .max(self.cfg.snapshot_min_bytes);
-        let snapshot = self.bytes_since_snapshot >= threshold;
+        let snapshot = self.force_snapshot || self.bytes_since_snapshot >= threshold;
+        self.force_snapshot = false;
+        // Read again after a restore, the events below the committed decided offset were
+        // decided then: the position never goes back, or their dead letters would be written
+        // twice.
+        let decided_offset = self.decided_offset.max(self.next_offset);
+        // The waiting offsets below it: those released since the last checkpoint leave, the
+        // ones read since and still waiting come in (a snapshot holds them all).
+        let released = std::mem::take(&mut self.released_below);
+        let (waiting_removed, waiting_added) = if snapshot {
+            (Vec::new(), Vec::new())
+        } else {
+            (
+                self.removed_ranges(released),
+                self.cleaner.buffered_offset_ranges(self.recorded_through),
+            )
+        };
+        self.recorded_through = decided_offset;
         let acked = (self.acked_through != self.acked_recorded)
             .then_some(self.acked_through)
             .flatten();
         let mut records = if snapshot {
             let (marks, keys) = self.cleaner.snapshot();
+            let waiting = self.cleaner.buffered_offset_ranges(i64::MIN);
             let outbox = self.outbox.iter().chain(batches.iter()).cloned();
-            PartitionState::snapshot_records(marks, keys, outbox.collect::<Vec<_>>())
+            PartitionState::snapshot_records(marks, keys, waiting, outbox.collect::<Vec<_>>())
         } else {
             let mut records: Vec<Record> = batches
                 .iter()
@@ -508,18 +568,17 @@ impl Partition {
                     .map(|k| (k.device_id, k.ts, k.latitude_bits, k.longitude_bits))
                     .collect(),
                 pruned: changes.pruned,
+                waiting_removed,
+                waiting_added,
             };
             records.extend(delta.into_chunks().into_iter().map(Record::State));
             records
         };
-        // Read again after a restore, the events below the committed decided offset are decided
-        // anew: the position never goes back, or their dead letters would be written twice.
-        let decided_offset = self.decided_offset.max(self.next_offset);
         records.push(Record::Commit(Commit {
             id: format!("{}-{number}", self.cfg.writer),
             resume_offset,
             decided_offset,
-            decided_with: Some(decided_with(self.cleaner.config())),
+            waiting_known: true,
             next_seq: self.next_seq,
             // A snapshot holds only unacknowledged batches already.
             acked_through: if snapshot { None } else { acked },
@@ -550,11 +609,20 @@ impl Partition {
     }
 }
 
-/// The settings that decide outcomes, as a checkpoint records them.
-fn decided_with(c: &CleanupConfig) -> DecidedWith {
-    DecidedWith {
-        allowed_lateness_ms: c.allowed_lateness_ms,
-        dedup_horizon_ms: c.dedup_horizon_ms,
+impl Partition {
+    /// Released offsets as few ranges as can be: two join when no offset between them waits
+    /// (whatever lies between was not waiting, so removing it too changes nothing).
+    fn removed_ranges(&self, mut released: Vec<i64>) -> Vec<(i64, i64)> {
+        released.sort_unstable();
+        let mut out: Vec<(i64, i64)> = Vec::new();
+        for offset in released {
+            match out.last_mut() {
+                Some(last) if offset < last.1 => {}
+                Some(last) if !self.cleaner.any_buffered_in(last.1, offset) => last.1 = offset + 1,
+                _ => out.push((offset, offset + 1)),
+            }
+        }
+        out
     }
 }
 
@@ -861,15 +929,8 @@ mod tests {
         );
     }
 
-    fn commit_of(plan: &CheckpointPlan) -> Commit {
-        match plan.records.last() {
-            Some(Record::Commit(c)) => c.clone(),
-            other => panic!("a checkpoint ends with its commit, not {other:?}"),
-        }
-    }
-
     #[test]
-    fn events_read_again_are_decided_with_the_committed_settings_then_the_new_ones_apply() {
+    fn events_read_again_are_not_decided_again_and_new_settings_apply_from_the_decided_offset() {
         let mut p = fresh();
         let mut state = PartitionState::default();
         // Lateness 100 ms: 1000 and 1050 wait (offsets 0, 1), both decided by the checkpoint.
@@ -880,33 +941,40 @@ mod tests {
         let a = p.flush(0);
         commit_through(&mut p, &mut state, a, 0);
         assert_eq!((state.resume_offset, state.decided_offset), (Some(0), 2));
-        assert_eq!(state.decided_with.map(|d| d.allowed_lateness_ms), Some(100));
+        assert_eq!(state.waiting.ranges().collect::<Vec<_>>(), vec![(0, 2)]);
         // Restarted with lateness 10 ms: under it, 1000 is late behind 1050 and, being below the
-        // decided offset, would get no dead letter: it would vanish.
+        // decided offset, would get no dead letter if it were decided again: it would vanish.
         let mut strict = cfg();
         strict.cleanup.allowed_lateness_ms = 10;
         let mut q = Partition::restore(strict, state.clone(), 0, 0);
-        assert!(q.replays_with_committed_settings());
-        q.on_tick(1, Some(1));
-        assert!(
-            q.replays_with_committed_settings(),
-            "a quiet tick before the decided offset was read again (a stale high watermark) does not switch"
-        );
+        assert!(q.is_replaying());
         let mut again = state.clone();
-        let mut letters = Vec::new();
-        for (o, ts) in [(0, 1000), (1, 1050), (2, 1070), (3, 1055)] {
-            let a = q.on_event(None, &ev(ts), o, 1);
-            letters.extend(commit_through(&mut q, &mut again, a, 1).0);
-        }
-        assert!(
-            !q.replays_with_committed_settings(),
-            "past the decided offset the new settings rule"
-        );
         let a = q.on_tick(10_000, Some(10_000));
-        letters.extend(commit_through(&mut q, &mut again, a, 10_000).0);
-        let a = q.flush(10_000);
-        let last = a.checkpoint.as_ref().map(commit_of);
-        letters.extend(commit_through(&mut q, &mut again, a, 10_000).0);
+        assert!(a.checkpoint.is_none(), "no checkpoint while reading again");
+        let a = q.on_event(None, &ev(1000), 0, 1);
+        assert!(a.checkpoint.is_none());
+        let a = q.on_tick(20_000, Some(20_000));
+        assert!(
+            a.checkpoint.is_none() && q.buffered_len() == 1,
+            "a quiet tick (a stale high watermark) before the decided offset releases nothing"
+        );
+        let mut letters = Vec::new();
+        for (o, ts) in [(1, 1050), (2, 1070), (3, 1055)] {
+            let a = q.on_event(None, &ev(ts), o, 20_001);
+            if o == 1 {
+                assert!(!q.is_replaying(), "the decided offset is reached");
+                assert_eq!(
+                    q.buffered_len(),
+                    1,
+                    "1000, below the new watermark (1040), is released at once; 1050 waits"
+                );
+            }
+            letters.extend(commit_through(&mut q, &mut again, a, 20_001).0);
+        }
+        let a = q.on_tick(30_000, Some(30_000));
+        letters.extend(commit_through(&mut q, &mut again, a, 30_000).0);
+        let a = q.flush(30_000);
+        letters.extend(commit_through(&mut q, &mut again, a, 30_000).0);
         assert_eq!(
             outbox_ts(&again),
             vec![1000, 1050, 1070],
@@ -918,11 +986,7 @@ mod tests {
             vec![3],
             "1055 is late by the new 10 ms, and it is new: dead-lettered once"
         );
-        assert_eq!(
-            again.decided_with.map(|d| d.allowed_lateness_ms),
-            Some(10),
-            "{last:?}"
-        );
+        assert!(again.waiting.is_empty() && again.waiting_known);
     }
 
     #[test]
@@ -974,7 +1038,7 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_while_reading_again_never_moves_the_decided_offset_back() {
+    fn nothing_is_checkpointed_while_reading_again_and_a_stop_then_leaves_the_checkpoint_as_it_was() {
         let mut p = fresh();
         let mut state = PartitionState::default();
         // 1000 waits at offset 0; 10 (offset 1) is late; 1020 waits (offset 2).
@@ -986,18 +1050,20 @@ mod tests {
         let (letters, _) = commit_through(&mut p, &mut state, a, 0);
         assert_eq!(letters.len(), 1);
         assert_eq!(state.decided_offset, 3);
+        assert_eq!(state.waiting.ranges().collect::<Vec<_>>(), vec![(0, 1), (2, 3)]);
         let mut q = Partition::restore(cfg(), state.clone(), 0, 0);
         let a = q.on_event(None, &ev(1000), 0, 0);
-        commit_through(&mut q, &mut state, a, 0);
-        let plan = q.flush(0).checkpoint.expect("forced");
-        assert_eq!(
-            commit_of(&plan).decided_offset,
-            3,
-            "not 1: offset 1's dead letter is written"
+        assert!(a.checkpoint.is_none());
+        assert!(
+            q.flush(0).checkpoint.is_none(),
+            "the buffers are not whole before the decided offset"
         );
-        apply(&mut state, &plan);
-        q.on_committed(plan.number, 0);
-        // Another owner reads offset 1 again: no second dead letter.
+        q.stop(false);
+        assert!(
+            q.is_settled(),
+            "a revocation while reading again has nothing to record"
+        );
+        // Another owner reads all of it again: no second dead letter, and nothing changed.
         let mut r = Partition::restore(cfg(), state.clone(), 0, 0);
         let mut again = Vec::new();
         for (o, ts) in [(0, 1000), (1, 10), (2, 1020)] {
@@ -1005,5 +1071,87 @@ mod tests {
             again.extend(commit_through(&mut r, &mut state, a, 0).0);
         }
         assert!(again.is_empty(), "{again:?}");
+        assert!(!r.is_replaying());
+        assert_eq!(r.buffered_len(), 2, "1000 and 1020 wait again, 10 stays decided");
+        assert!(
+            r.flush(0).checkpoint.is_none(),
+            "the rebuilt state is the checkpoint's"
+        );
+        let a = r.on_event(None, &ev(1200), 3, 0);
+        commit_through(&mut r, &mut state, a, 0);
+        let a = r.flush(0);
+        commit_through(&mut r, &mut state, a, 0);
+        assert_eq!(outbox_ts(&state), vec![1000, 1020]);
+        assert_eq!(state.waiting.ranges().collect::<Vec<_>>(), vec![(3, 4)]);
+        assert_eq!((state.resume_offset, state.decided_offset), (Some(3), 4));
+    }
+
+    #[test]
+    fn an_event_late_by_the_horizon_stays_dead_lettered_when_its_device_is_known_on_reading_again() {
+        let of = |device: &str, ts: i64| {
+            format!(r#"{{"deviceId":"{device}","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
+        };
+        let mut c = cfg();
+        c.cleanup.dedup_horizon_ms = 1_000;
+        let stream = [("e", 100_000), ("d", 98_950), ("d", 99_000)];
+        let mut p = Partition::restore(c.clone(), PartitionState::default(), 0, 0);
+        let mut state = PartitionState::default();
+        let mut letters = Vec::new();
+        for (o, (device, ts)) in stream.iter().enumerate() {
+            let a = p.on_event(None, &of(device, *ts), o as i64, 0);
+            letters.extend(commit_through(&mut p, &mut state, a, 0).0);
+        }
+        let a = p.flush(0);
+        letters.extend(commit_through(&mut p, &mut state, a, 0).0);
+        assert_eq!(
+            letters.iter().map(|d| d.source_offset).collect::<Vec<_>>(),
+            vec![1],
+            "d is unknown and 98950 lies beyond the horizon of 100000"
+        );
+        // Read again, d is known (99000 waits) and 98950 lies within its lateness: decided
+        // again, it would be stored after its dead letter.
+        let mut q = Partition::restore(c, state.clone(), 0, 0);
+        for (o, (device, ts)) in stream.iter().enumerate() {
+            let a = q.on_event(None, &of(device, *ts), o as i64, 1);
+            letters.extend(commit_through(&mut q, &mut state, a, 1).0);
+        }
+        let a = q.on_tick(10_000, Some(10_000));
+        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
+        let a = q.flush(10_000);
+        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
+        assert_eq!(letters.len(), 1);
+        let mut stored = outbox_ts(&state);
+        stored.sort_unstable();
+        assert_eq!(stored, vec![99_000, 100_000]);
+    }
+
+    #[test]
+    fn a_checkpoint_without_waiting_offsets_is_decided_again_then_snapshotted() {
+        let mut p = fresh();
+        let mut state = PartitionState::default();
+        for (o, ts) in [(0, 1000), (1, 10), (2, 1020)] {
+            let a = p.on_event(None, &ev(ts), o, 0);
+            commit_through(&mut p, &mut state, a, 0);
+        }
+        let a = p.flush(0);
+        commit_through(&mut p, &mut state, a, 0);
+        // As an older changelog left it: no waiting offsets.
+        state.waiting = OffsetRanges::default();
+        state.waiting_known = false;
+        let mut q = Partition::restore(cfg(), state.clone(), 0, 0);
+        let mut again = Vec::new();
+        for (o, ts) in [(0, 1000), (1, 10), (2, 1020), (3, 1050)] {
+            let a = q.on_event(None, &ev(ts), o, 0);
+            again.extend(commit_through(&mut q, &mut state, a, 0).0);
+        }
+        assert!(
+            again.is_empty(),
+            "decided again, not dead-lettered again: {again:?}"
+        );
+        let plan = q.flush(0).checkpoint.expect("offset 3 is new");
+        assert!(plan.snapshot, "the first checkpoint records every waiting offset");
+        apply(&mut state, &plan);
+        assert!(state.waiting_known);
+        assert_eq!(state.waiting.ranges().collect::<Vec<_>>(), vec![(0, 1), (2, 4)]);
     }
 }

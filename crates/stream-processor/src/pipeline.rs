@@ -734,6 +734,7 @@ impl Restorer {
             devices = restored.state.marks.len(),
             dedup_keys = restored.state.key_count(),
             outbox_batches = restored.state.outbox.len(),
+            waiting_events = restored.state.waiting.len(),
             "partition state restored"
         );
         // The topic's log must reach the resume offset: if it ends before (the broker lost
@@ -751,23 +752,12 @@ impl Restorer {
             _ => None,
         };
         let since_snapshot = restored.position.as_ref().map_or(0, |p| p.bytes_since_snapshot);
-        let committed_with = restored.state.decided_with;
-        let decided = restored.state.decided_offset;
         let core = Partition::restore(
             self.partition_config(p, writer_id),
             restored.state,
             since_snapshot,
             now,
         );
-        if core.replays_with_committed_settings() {
-            tracing::warn!(
-                partition = p,
-                committed = ?committed_with,
-                until_offset = decided,
-                "ALLOWED_LATENESS_MS or DEDUP_HORIZON_MS differ from the ones this partition's committed checkpoint used: \
-                 events read again below the decided offset are decided with the committed settings, the new ones apply from there"
-            );
-        }
         Ok((p, generation, core, writer, regressed))
     }
 }

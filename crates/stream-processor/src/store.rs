@@ -310,7 +310,7 @@ fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changelog::{Commit, DecidedWith, StateDelta};
+    use crate::changelog::{Commit, StateDelta};
 
     fn committed(records: &[Record], offset: i64) -> Committed {
         Committed {
@@ -331,10 +331,7 @@ mod tests {
             decided_offset: resume,
             next_seq,
             acked_through: acked,
-            decided_with: Some(DecidedWith {
-                allowed_lateness_ms: 5_000,
-                dedup_horizon_ms: resume,
-            }),
+            waiting_known: true,
         })
     }
 
@@ -359,6 +356,8 @@ mod tests {
                     marks: vec![("d".into(), 50, 40)],
                     keys: vec![("d".into(), 10, 1, u64::MAX), ("d".into(), 40, 1, 2)],
                     pruned: vec![],
+                    waiting_removed: vec![],
+                    waiting_added: vec![(7, 8)],
                 }),
                 commit("w-1", 7, 2, None),
             ],

@@ -206,30 +206,76 @@ impl Cleaner {
 
     /// Changes the settings from the next event on. With a lower lateness, what waits below its
     /// device's new watermark is released at once; otherwise what is buffered stays, and is
-    /// released by the new watermarks as events arrive.
+    /// released by the new watermarks as events arrive. Either way, waiting devices keep only
+    /// the identities of the new horizon: the same as a cleaner restored with these settings
+    /// does once what was waiting is back ([`Cleaner::release_below_watermarks`]).
     pub fn set_config(&mut self, config: CleanupConfig) {
         let horizon_changed = config.dedup_horizon_ms != self.config.dedup_horizon_ms;
-        let lateness_lowered = config.allowed_lateness_ms < self.config.allowed_lateness_ms;
         self.config = config;
         if horizon_changed {
             self.rebucket();
         }
-        if lateness_lowered {
-            // What waits below a device's new watermark is released now, so that whatever waits
-            // is at or above its device's watermark under the settings in force: a checkpoint
-            // records those settings, and an event read again after a restore is decided by them
-            // against the restored marks (one still waiting below the watermark would turn late
-            // there, and vanish).
-            let horizon = self.horizon();
-            let lateness = self.config.allowed_lateness_ms;
-            let waiting: Vec<String> = self.out.waiting.iter().cloned().collect();
-            for id in waiting {
-                if let Some(device) = self.devices.get_mut(&id) {
-                    let watermark = device.watermark(lateness);
-                    self.out.release_through(&id, device, watermark, horizon);
-                }
+        self.release_below_watermarks();
+    }
+
+    /// Releases what waits at or below its device's watermark (after the lateness was lowered,
+    /// or once events were put back with [`Cleaner::rebuffer`]), so whatever waits is above it.
+    pub fn release_below_watermarks(&mut self) {
+        let horizon = self.horizon();
+        let lateness = self.config.allowed_lateness_ms;
+        let mut waiting: Vec<String> = self.out.waiting.iter().cloned().collect();
+        // In a fixed order, so that the same state releases the same sequence.
+        waiting.sort_unstable();
+        for id in waiting {
+            if let Some(device) = self.devices.get_mut(&id) {
+                let watermark = device.watermark(lateness);
+                self.out.release_through(&id, device, watermark, horizon);
             }
         }
+    }
+
+    /// Puts an event that was waiting at a checkpoint back into its device's buffer, as it was:
+    /// no duplicate or lateness decision (it was accepted then, and the restored marks already
+    /// count it) and no release (the device's other waiting events may not be back yet; call
+    /// [`Cleaner::release_below_watermarks`] once all are). False if its identity is already
+    /// buffered or released, which a consistent checkpoint never gives.
+    pub fn rebuffer(&mut self, event: Event, offset: i64, now_ms: u64) -> bool {
+        let width = self.bucket_width();
+        let known = self.devices.contains_key(&event.device_id);
+        let device = self
+            .devices
+            .entry(event.device_id.clone())
+            .or_insert_with(|| Device::new(now_ms));
+        if device.buffer.contains_key(&event.ts) || device.seen.contains_key(&event.ts) {
+            return false;
+        }
+        device.last_arrival_ms = now_ms;
+        if !known || event.ts > device.mark.max_ts {
+            // Not from a consistent checkpoint (its mark counts every waiting event): keep the
+            // mark true to the buffer all the same.
+            device.mark.max_ts = device.mark.max_ts.max(event.ts);
+            self.max_ts = self.max_ts.max(event.ts);
+            device.dirty = true;
+            if !device.listed {
+                device.listed = true;
+                self.out.changed.push(event.device_id.clone());
+            }
+            let bucket = device.mark.max_ts.div_euclid(width);
+            if bucket != device.bucket {
+                device.bucket = bucket;
+                self.buckets
+                    .entry(bucket)
+                    .or_default()
+                    .push(event.device_id.clone());
+            }
+        }
+        if device.buffer.is_empty() {
+            self.out.waiting.insert(event.device_id.clone());
+        }
+        device.buffer.insert(event.ts, (event, offset));
+        self.out.offsets.add(offset);
+        self.out.buffered += 1;
+        true
     }
 
     pub fn config(&self) -> &CleanupConfig {
@@ -256,10 +302,6 @@ impl Cleaner {
             None => {
                 if self.max_ts != i64::MIN && event.ts < self.max_ts.saturating_sub(horizon) {
                     return Outcome::Late;
-                }
-                if !self.evicted.is_empty() {
-                    // Evicted and back within the checkpoint: its eviction is applied first.
-                    self.evicted.retain(|e| *e != event.device_id);
                 }
                 self.devices
                     .entry(event.device_id.clone())
@@ -399,16 +441,32 @@ impl Cleaner {
         self.out.offsets.min()
     }
 
+    /// The offsets of buffered events from `from` on, as ranges `[start, end)` in order.
+    pub fn buffered_offset_ranges(&self, from: i64) -> Vec<(i64, i64)> {
+        self.out.offsets.ranges(from)
+    }
+
+    /// Whether an event read at an offset in `[start, end)` is buffered.
+    pub fn any_buffered_in(&self, start: i64, end: i64) -> bool {
+        self.out.offsets.any_in(start, end)
+    }
+
     /// State changes since the last call (for a checkpoint).
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
             evicted: std::mem::take(&mut self.evicted),
             ..Changes::default()
         };
+        // Only identities still kept: not those of a device evicted since (even if it came back:
+        // its eviction is applied first, then what it is now), nor those pruned since.
         let devices = &self.devices;
         changes.new_keys = std::mem::take(&mut self.out.new_keys)
             .into_iter()
-            .filter(|k| devices.contains_key(&k.device_id))
+            .filter(|k| {
+                devices
+                    .get(&k.device_id)
+                    .is_some_and(|d| d.seen.get(&k.ts) == Some(&(k.latitude_bits, k.longitude_bits)))
+            })
             .collect();
         for id in std::mem::take(&mut self.out.changed) {
             let Some(d) = self.devices.get_mut(&id) else {
@@ -575,6 +633,51 @@ impl OffsetCounts {
     fn min(&self) -> Option<i64> {
         let (index, bits) = self.words.first_key_value()?;
         Some(index * 64 + i64::from(bits.trailing_zeros()))
+    }
+
+    /// The offsets held, from `from` on, as maximal ranges `[start, end)`.
+    fn ranges(&self, from: i64) -> Vec<(i64, i64)> {
+        let mut out: Vec<(i64, i64)> = Vec::new();
+        for (&index, &word) in self.words.range(from.div_euclid(64)..) {
+            let mut bits = word;
+            if index == from.div_euclid(64) {
+                bits &= u64::MAX << from.rem_euclid(64);
+            }
+            while bits != 0 {
+                let low = bits.trailing_zeros();
+                let run = (bits >> low).trailing_ones();
+                let start = index * 64 + i64::from(low);
+                let end = start + i64::from(run);
+                match out.last_mut() {
+                    Some(last) if last.1 == start => last.1 = end,
+                    _ => out.push((start, end)),
+                }
+                bits = if low + run >= 64 {
+                    0
+                } else {
+                    bits & (u64::MAX << (low + run))
+                };
+            }
+        }
+        out
+    }
+
+    /// Whether any offset in `[start, end)` is held.
+    fn any_in(&self, start: i64, end: i64) -> bool {
+        if start >= end {
+            return false;
+        }
+        let (first, last) = (start.div_euclid(64), (end - 1).div_euclid(64));
+        self.words.range(first..=last).any(|(&index, &word)| {
+            let mut bits = word;
+            if index == first {
+                bits &= u64::MAX << start.rem_euclid(64);
+            }
+            if index == last {
+                bits &= u64::MAX >> (63 - (end - 1).rem_euclid(64));
+            }
+            bits != 0
+        })
     }
 }
 
@@ -744,6 +847,27 @@ mod tests {
     }
 
     #[test]
+    fn a_device_evicted_and_back_before_a_checkpoint_is_persisted_as_it_is_now() {
+        let mut c = Cleaner::new(cfg(0, 1_000, 100));
+        c.process(ev("d", 1_000), 0, 0);
+        c.process(ev("e", 3_000), 1, 0);
+        c.tick(0);
+        assert_eq!(c.device_count(), 1, "d is forgotten");
+        assert_eq!(c.process(ev("d", 2_500), 2, 0), Outcome::Buffered, "and back");
+        let ch = c.take_changes();
+        assert_eq!(ch.evicted, vec!["d".to_owned()], "its eviction is applied first");
+        let mut keys: Vec<(&str, i64)> = ch.new_keys.iter().map(|k| (k.device_id.as_str(), k.ts)).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            vec![("d", 2_500), ("e", 3_000)],
+            "then only what it keeps now: not the identity it had before it was forgotten"
+        );
+        let d = ch.devices.iter().find(|(id, _)| id == "d").map(|(_, m)| m.max_ts);
+        assert_eq!(d, Some(2_500));
+    }
+
+    #[test]
     fn a_device_with_waiting_events_is_not_evicted_until_flushed() {
         let mut c = Cleaner::new(cfg(10, 1_000, 500));
         c.process(ev("slow", 1_000), 0, 0);
@@ -895,6 +1019,18 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(counts.min(), model.keys().next().copied());
+            }
+            // Ranges and range queries agree with the held offsets.
+            for from in [-300i64, -64, -1, 0, 1, 63, 64, 65, 500, 1_999, 2_100] {
+                let want: Vec<i64> = model.keys().copied().filter(|o| *o >= from).collect();
+                let got: Vec<i64> = counts.ranges(from).into_iter().flat_map(|(a, b)| a..b).collect();
+                prop_assert_eq!(&got, &want);
+                let runs = counts.ranges(from);
+                prop_assert!(runs.windows(2).all(|w| w[0].1 < w[1].0), "maximal, in order: {:?}", runs);
+                for len in [0i64, 1, 2, 63, 64, 65, 130, 3_000] {
+                    let any = model.range(from..from.saturating_add(len)).next().is_some();
+                    prop_assert_eq!(counts.any_in(from, from + len), any, "[{}, +{})", from, len);
+                }
             }
         }
     }
