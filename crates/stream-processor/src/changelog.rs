@@ -54,6 +54,8 @@ pub struct PartitionState {
     /// The last commit records `waiting` (a changelog written before it did not: its events
     /// below the decided offset can only be decided again).
     pub waiting_known: bool,
+    /// Above every event time of a forgotten device (see `Cleaner::forgotten_below`).
+    pub forgotten_below: Option<i64>,
 }
 
 /// A set of offsets as disjoint ranges `[start, end)`: the events waiting in reorder buffers,
@@ -125,6 +127,13 @@ impl OffsetRanges {
 }
 
 impl PartitionState {
+    /// How far the topic's log must reach for this state to hold: every offset up to the
+    /// decided one was read (a log that ends before lost acknowledged writes, or was recreated;
+    /// new events there would be skipped, or taken for the ones decided there).
+    pub fn log_must_reach(&self) -> i64 {
+        self.decided_offset.max(self.resume_offset.unwrap_or(0))
+    }
+
     pub fn key_count(&self) -> usize {
         self.keys.values().map(BTreeMap::len).sum()
     }
@@ -193,6 +202,9 @@ impl PartitionState {
                 for (start, end) in &delta.waiting_added {
                     self.waiting.insert(*start, *end);
                 }
+                if delta.forgotten_below.is_some() {
+                    self.forgotten_below = delta.forgotten_below;
+                }
             }
             Record::Commit(c) => {
                 self.resume_offset = Some(c.resume_offset);
@@ -212,10 +224,12 @@ impl PartitionState {
         marks: Vec<(String, DeviceMark)>,
         keys: Vec<SeenKey>,
         waiting: Vec<(i64, i64)>,
+        forgotten_below: Option<i64>,
         outbox: impl IntoIterator<Item = OutboxBatch>,
     ) -> Vec<Record> {
         let mut out = vec![Record::Reset];
         let all = StateDelta {
+            forgotten_below,
             waiting_added: waiting,
             waiting_removed: Vec::new(),
             evicted: Vec::new(),
@@ -245,6 +259,7 @@ impl PartitionState {
             marks,
             self.seen_keys(),
             self.waiting.ranges().collect(),
+            self.forgotten_below,
             self.outbox.values().cloned(),
         );
         records.push(Record::Commit(Commit {
@@ -284,6 +299,9 @@ pub struct StateDelta {
     /// Offsets newly waiting: ranges `[start, end)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting_added: Vec<(i64, i64)>,
+    /// The partition's forgotten floor, when it rose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgotten_below: Option<i64>,
 }
 
 impl StateDelta {
@@ -291,7 +309,10 @@ impl StateDelta {
     /// applies the same: evictions, marks, keys, prunes, waiting offsets removed, then added.
     pub fn into_chunks(self) -> Vec<StateDelta> {
         let mut out = Vec::new();
-        let mut cur = StateDelta::default();
+        let mut cur = StateDelta {
+            forgotten_below: self.forgotten_below,
+            ..StateDelta::default()
+        };
         let mut bytes = 0usize;
         let room = |cur: &mut StateDelta, bytes: &mut usize, more: usize, out: &mut Vec<StateDelta>| {
             if *bytes + more > CHUNK_BYTES && *cur != StateDelta::default() {
@@ -381,6 +402,7 @@ struct Wire<'a> {
     waiting_removed: Vec<(i64, i64)>,
     #[serde(default)]
     waiting_added: Vec<(i64, i64)>,
+    forgotten_below: Option<i64>,
     id: Option<String>,
     resume_offset: Option<i64>,
     decided_offset: Option<i64>,
@@ -434,6 +456,7 @@ impl Record {
                 pruned: w.pruned,
                 waiting_removed: w.waiting_removed,
                 waiting_added: w.waiting_added,
+                forgotten_below: w.forgotten_below,
             }),
             "commit" => Record::Commit(Commit {
                 id: w.id.ok_or_else(|| missing("id"))?,
@@ -495,6 +518,7 @@ mod tests {
                 pruned: vec![("e".into(), 2)],
                 waiting_removed: vec![(0, 4)],
                 waiting_added: vec![(7, 9), (12, 13)],
+                forgotten_below: Some(-3),
             }),
             commit("w-1", 7, 4, Some(2)),
         ];
@@ -577,6 +601,18 @@ mod tests {
     }
 
     #[test]
+    fn the_log_must_reach_the_decided_offset_not_only_the_resume_offset() {
+        let mut s = PartitionState::default();
+        assert_eq!(s.log_must_reach(), 0, "nothing read yet");
+        s.apply("t", 0, &commit("w-1", 6, 0, None));
+        assert_eq!(
+            s.log_must_reach(),
+            7,
+            "offset 6 waits, and was read: a log ending at 6 lost it"
+        );
+    }
+
+    #[test]
     fn a_large_snapshot_is_chunked() {
         let keys: Vec<SeenKey> = (0..25_000)
             .map(|ts| SeenKey {
@@ -586,7 +622,7 @@ mod tests {
                 longitude_bits: 0,
             })
             .collect();
-        let records = PartitionState::snapshot_records(vec![], keys, vec![], vec![]);
+        let records = PartitionState::snapshot_records(vec![], keys, vec![], None, vec![]);
         assert!(records.len() >= 4, "reset and several chunks: {}", records.len());
         for r in &records {
             assert!(

@@ -177,7 +177,8 @@ impl Partition {
             waiting: state.waiting_known.then_some(state.waiting),
         });
         Partition {
-            cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now),
+            cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now)
+                .with_forgotten_below(state.forgotten_below),
             force_snapshot: state.resume_offset.is_some() && !state.waiting_known,
             replay,
             recorded_through: state.decided_offset,
@@ -393,6 +394,20 @@ impl Partition {
         }
     }
 
+    /// Whether the drivers should stop reading the partition: its outbox holds `max` batches
+    /// or more. Never while reading again, which adds nothing to the outbox: until it ends
+    /// nothing is checkpointed, not even the split a `413` asks for, so a paused partition
+    /// would never get there.
+    pub fn outbox_full(&self, max: usize) -> bool {
+        self.replay.is_none() && self.outbox.len() >= max
+    }
+
+    /// Whether a paused partition may be read again: half its outbox has drained, or it must
+    /// read again what it decided before.
+    pub fn outbox_drained(&self, max: usize) -> bool {
+        self.replay.is_some() || self.outbox.len() <= max / 2
+    }
+
     /// Whether the events below the restored checkpoint's decided offset are still being read
     /// again (no checkpoint is taken meanwhile).
     pub fn is_replaying(&self) -> bool {
@@ -461,7 +476,9 @@ impl Partition {
         if self.in_flight.is_none() {
             let interval_passed =
                 now.saturating_sub(self.last_checkpoint_ms) >= self.cfg.checkpoint_interval_ms;
-            let due = self.has_unrecorded() && (self.batcher.is_due(now) || interval_passed || force);
+            // A split is taken at once: nothing is sent until it commits.
+            let due = self.has_unrecorded()
+                && (self.batcher.is_due(now) || interval_passed || force || self.split_to.is_some());
             if due {
                 actions.checkpoint = Some(self.checkpoint(now));
             }
@@ -545,7 +562,8 @@ impl Partition {
             let (marks, keys) = self.cleaner.snapshot();
             let waiting = self.cleaner.buffered_offset_ranges(i64::MIN);
             let outbox = self.outbox.iter().chain(batches.iter()).cloned();
-            PartitionState::snapshot_records(marks, keys, waiting, outbox.collect::<Vec<_>>())
+            let forgotten = self.cleaner.forgotten_below();
+            PartitionState::snapshot_records(marks, keys, waiting, forgotten, outbox.collect::<Vec<_>>())
         } else {
             let mut records: Vec<Record> = batches
                 .iter()
@@ -570,6 +588,7 @@ impl Partition {
                 pruned: changes.pruned,
                 waiting_removed,
                 waiting_added,
+                forgotten_below: changes.forgotten_below,
             };
             records.extend(delta.into_chunks().into_iter().map(Record::State));
             records
@@ -1123,6 +1142,87 @@ mod tests {
         let mut stored = outbox_ts(&state);
         stored.sort_unstable();
         assert_eq!(stored, vec![99_000, 100_000]);
+    }
+
+    #[test]
+    fn a_full_outbox_does_not_pause_reading_again_so_a_split_asked_for_meanwhile_is_taken() {
+        let mut p = fresh();
+        let mut state = PartitionState::default();
+        for i in 0..7i64 {
+            let a = p.on_event(None, &ev(1000 + 200 * i), i, 0);
+            commit_through(&mut p, &mut state, a, 0);
+        }
+        let a = p.flush(0);
+        commit_through(&mut p, &mut state, a, 0);
+        assert_eq!(state.outbox.len(), 2, "nothing acknowledged");
+        assert_eq!((state.resume_offset, state.decided_offset), (Some(6), 7));
+        // A new owner, the sink's MAX_BATCH_LEN lowered meanwhile, MAX_OUTBOX_PER_PARTITION 2.
+        let mut q = Partition::restore(cfg(), state.clone(), 0, 0);
+        assert!(p.outbox_full(2), "the first owner would pause");
+        assert!(
+            !q.outbox_full(2) && q.outbox_drained(2),
+            "reading again is not paused"
+        );
+        let sent = q.on_tick(0, None).send.expect("the outbox is resent");
+        let (limit, a) = q.on_too_large(sent.seq, 1);
+        assert_eq!(limit, Some(2));
+        assert!(a.checkpoint.is_none(), "no checkpoint while reading again");
+        let a = q.on_event(None, &ev(2200), 6, 2);
+        let plan = a.checkpoint.expect("the split, once the buffers are whole");
+        assert_eq!(plan.split, Some((2, 4)), "3 + 3 events re-cut to 2 + 1, 2 + 1");
+        let a = q.on_committed(plan.number, 3);
+        assert_eq!(a.send.map(|b| b.events), Some(2), "the first part goes out");
+        assert!(
+            q.outbox_full(2),
+            "past the decided offset backpressure applies again"
+        );
+    }
+
+    #[test]
+    fn a_device_forgotten_under_a_small_horizon_stays_forgotten_after_it_is_raised() {
+        let of = |device: &str, ts: i64| {
+            format!(r#"{{"deviceId":"{device}","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
+        };
+        let mut small = cfg();
+        small.cleanup = CleanupConfig {
+            allowed_lateness_ms: 0,
+            dedup_horizon_ms: 300,
+            idle_timeout_ms: 1_000,
+        };
+        let mut big = small.clone();
+        big.cleanup.dedup_horizon_ms = 100_000;
+        let mut state = PartitionState::default();
+        let mut p = Partition::restore(small, PartitionState::default(), 0, 0);
+        for (o, payload) in [(0, of("d", 1_000)), (1, of("e", 2_000))] {
+            let a = p.on_event(None, &payload, o, 0);
+            commit_through(&mut p, &mut state, a, 0);
+        }
+        let a = p.on_tick(0, Some(0));
+        commit_through(&mut p, &mut state, a, 0);
+        let a = p.on_event(None, &of("e", 2_100), 2, 0);
+        commit_through(&mut p, &mut state, a, 0);
+        let a = p.flush(0);
+        commit_through(&mut p, &mut state, a, 0);
+        assert!(
+            !state.marks.contains_key("d"),
+            "d is forgotten, and that is recorded"
+        );
+        assert_eq!(state.forgotten_below, Some(1_001));
+        // Restarted with DEDUP_HORIZON_MS raised, d resends its stored event.
+        let mut q = Partition::restore(big, state.clone(), 0, 0);
+        let a = q.on_event(None, &of("d", 1_000), 3, 0);
+        let (mut letters, _) = commit_through(&mut q, &mut state, a, 0);
+        let a = q.on_tick(10_000, Some(10_000));
+        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
+        let a = q.flush(10_000);
+        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
+        let mut stored = outbox_ts(&state);
+        stored.sort_unstable();
+        assert_eq!(stored, vec![1_000, 2_000, 2_100], "d@1000 once");
+        assert_eq!(
+            letters.iter().map(|d| d.source_offset).collect::<Vec<_>>(),
+            vec![3]
+        );
     }
 
     #[test]

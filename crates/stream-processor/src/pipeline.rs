@@ -427,12 +427,12 @@ impl Pipeline {
         let pending = o.core.outbox_len();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.settings.kafka.topic, partition);
-        if !o.paused && pending >= max {
+        if !o.paused && o.core.outbox_full(max) {
             if consumer.pause(&tpl).is_ok() {
                 o.paused = true;
                 tracing::info!(partition, pending, "outbox full, partition paused");
             }
-        } else if o.paused && pending <= max / 2 && consumer.resume(&tpl).is_ok() {
+        } else if o.paused && o.core.outbox_drained(max) && consumer.resume(&tpl).is_ok() {
             o.paused = false;
             tracing::info!(partition, pending, "outbox drained, partition resumed");
         }
@@ -468,17 +468,17 @@ impl Pipeline {
             };
             metrics::sink_blocked(p, false);
             metrics::partition_stopped(p, regressed.is_some());
-            if let Some((resume, log_end)) = regressed {
+            if let Some((decided, log_end)) = regressed {
                 tracing::error!(
                     partition = p,
-                    resume_offset = resume,
+                    decided_offset = decided,
                     log_end,
                     "the topic's log ends before this partition's committed position (the broker lost acknowledged writes, or the topic was recreated); the partition is stopped rather than skipping every event below that position"
                 );
                 owned.core.stop(true);
                 self.health.blocked.block(
                     p,
-                    format!("topic log ends at {log_end}, before the committed position {resume}"),
+                    format!("topic log ends at {log_end}, before the committed position {decided}"),
                 );
             }
             // Resend the restored outbox, in order.
@@ -737,19 +737,18 @@ impl Restorer {
             waiting_events = restored.state.waiting.len(),
             "partition state restored"
         );
-        // The topic's log must reach the resume offset: if it ends before (the broker lost
-        // acknowledged writes, or the topic was recreated), reading on would silently skip
-        // every new event below the stored position.
-        let regressed = match restored.state.resume_offset {
-            Some(resume) if resume > 0 => {
-                let (c, t) = (Arc::clone(&self.consumer), s.kafka.topic.clone());
-                let (_, high) =
-                    tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)))
-                        .await?
-                        .with_context(|| format!("partition {p}: reading the topic's log end"))?;
-                (high < resume).then_some((resume, high))
-            }
-            _ => None,
+        // The topic's log must reach the decided offset; if it does not, the partition stops
+        // rather than skip new events or take them for the ones decided at their offsets.
+        let decided = restored.state.log_must_reach();
+        let regressed = if decided > 0 {
+            let (c, t) = (Arc::clone(&self.consumer), s.kafka.topic.clone());
+            let (_, high) =
+                tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)))
+                    .await?
+                    .with_context(|| format!("partition {p}: reading the topic's log end"))?;
+            (high < decided).then_some((decided, high))
+        } else {
+            None
         };
         let since_snapshot = restored.position.as_ref().map_or(0, |p| p.bytes_since_snapshot);
         let core = Partition::restore(

@@ -323,3 +323,275 @@ proptest! {
         check(&events, &owners, seed)?;
     }
 }
+
+/// Without a reference model: owners that crash (losing or landing their checkpoint in flight)
+/// or are revoked at random, idle flushes as processing time moves, a sink that stores each
+/// batch id once, loses acknowledgements and refuses batches over its limit (413 splits), and
+/// settings changed between owners. Whatever happens, no
+/// offset is dead-lettered twice, no identity is stored twice, each device is stored in ts
+/// order, an invalid payload is dead-lettered, and every identity is stored or dead-lettered
+/// (and not both, when it was sent once).
+mod invariants {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+    use crate::changelog::{OutboxBatch, Record};
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn percent(&mut self, p: u64) -> bool {
+            self.next() % 100 < p
+        }
+
+        fn pick<T: Copy>(&mut self, of: &[T]) -> T {
+            of[(self.next() % of.len() as u64) as usize]
+        }
+    }
+
+    /// The sink: stores a batch id once, refuses batches over its limit.
+    struct Sink {
+        limit: usize,
+        ids: HashSet<String>,
+        stored: Vec<Event>,
+    }
+
+    /// What the drivers hold for one owner: its checkpoint and its send in flight.
+    struct World<'a> {
+        state: &'a mut PartitionState,
+        letters: &'a mut Vec<DeadLetter>,
+        sink: &'a mut Sink,
+        pending: Option<CheckpointPlan>,
+        sending: Option<OutboxBatch>,
+    }
+
+    impl World<'_> {
+        fn handle(&mut self, a: Actions) -> Result<(), TestCaseError> {
+            if let Some(plan) = a.checkpoint {
+                prop_assert!(self.pending.is_none(), "one checkpoint in flight at a time");
+                for r in &plan.encoded {
+                    prop_assert!(r.len() < 1_000_000, "a record of {} bytes", r.len());
+                }
+                self.pending = Some(plan);
+            }
+            if let Some(b) = a.send {
+                prop_assert!(self.sending.is_none(), "one batch in flight at a time");
+                self.sending = Some(b);
+            }
+            Ok(())
+        }
+
+        fn commit(&mut self, p: &mut Partition, now: u64) -> Result<(), TestCaseError> {
+            let Some(plan) = self.pending.take() else {
+                return Ok(());
+            };
+            for r in &plan.encoded {
+                self.state.apply("t", 0, &Record::decode(r, 0).expect("decodes"));
+            }
+            self.letters.extend(plan.dead_letters.iter().cloned());
+            let resume = self.state.resume_offset.unwrap_or(0);
+            for (start, end) in self.state.waiting.ranges() {
+                prop_assert!(
+                    start >= resume && end <= self.state.decided_offset,
+                    "waiting [{start}, {end}) outside [{resume}, {})",
+                    self.state.decided_offset
+                );
+            }
+            let a = p.on_committed(plan.number, now);
+            self.handle(a)
+        }
+
+        fn deliver(&mut self, p: &mut Partition, now: u64, ack: bool) -> Result<(), TestCaseError> {
+            let Some(b) = self.sending.take() else {
+                return Ok(());
+            };
+            if b.events > self.sink.limit {
+                let (_, a) = p.on_too_large(b.seq, now);
+                return self.handle(a);
+            }
+            if self.sink.ids.insert(b.id.clone()) {
+                let events: Vec<Event> = serde_json::from_slice(&b.body).expect("a JSON array");
+                self.sink.stored.extend(events);
+            }
+            if ack {
+                let a = p.on_acknowledged(b.seq, now);
+                self.handle(a)
+            } else {
+                p.on_send_abandoned(b.seq);
+                Ok(())
+            }
+        }
+    }
+
+    fn run(events: &[Vec<u8>], seed: u64, owners: usize) -> Result<(), TestCaseError> {
+        let mut rng = Rng(seed | 1);
+        let n = events.len() as i64;
+        let mut state = PartitionState::default();
+        let mut letters = Vec::new();
+        let limit = 1 + (rng.next() % 4) as usize;
+        let mut sink = Sink {
+            limit,
+            ids: HashSet::new(),
+            stored: Vec::new(),
+        };
+        let mut clock = 0u64;
+        for i in 0..owners {
+            let last = i + 1 == owners;
+            let mut cfg = config(CleanupConfig {
+                allowed_lateness_ms: rng.pick(&[0, 50, 200]),
+                dedup_horizon_ms: rng.pick(&[300, 1_000, 100_000]),
+                idle_timeout_ms: 1_000,
+            });
+            cfg.batch_size = 1 + (rng.next() % 5) as usize;
+            let mut p = Partition::restore(cfg, state.clone(), 0, clock);
+            let mut w = World {
+                state: &mut state,
+                letters: &mut letters,
+                sink: &mut sink,
+                pending: None,
+                sending: None,
+            };
+            let a = p.on_tick(clock, None);
+            w.handle(a)?;
+            let mut offset = w.state.resume_offset.unwrap_or(0);
+            for _ in 0..100_000 {
+                if !last && rng.percent(3) {
+                    if rng.percent(50) {
+                        // Revoked: what was released is checkpointed, the outbox stays.
+                        p.stop(false);
+                        let a = p.flush(clock);
+                        w.handle(a)?;
+                        while w.pending.is_some() {
+                            w.commit(&mut p, clock)?;
+                            let a = p.flush(clock);
+                            w.handle(a)?;
+                        }
+                    } else if rng.percent(50) {
+                        // Killed just after its checkpoint in flight committed.
+                        w.commit(&mut p, clock)?;
+                    }
+                    break;
+                }
+                if last && offset >= n {
+                    break;
+                }
+                match rng.next() % 10 {
+                    0..=4 if offset < n => {
+                        let a = p.on_event(None, &events[offset as usize], offset, clock);
+                        w.handle(a)?;
+                        offset += 1;
+                    }
+                    5 => w.commit(&mut p, clock)?,
+                    6 => {
+                        let ack = rng.percent(85);
+                        w.deliver(&mut p, clock, ack)?;
+                    }
+                    7 => {
+                        clock += rng.next() % 1_500;
+                        // Quiet only when everything was read (or the high watermark is stale).
+                        let quiet = (offset >= n || rng.percent(30)).then_some(clock);
+                        let a = p.on_tick(clock, quiet);
+                        w.handle(a)?;
+                    }
+                    8 => {
+                        let a = p.flush(clock);
+                        w.handle(a)?;
+                    }
+                    _ => {}
+                }
+            }
+            if last {
+                let mut settled = false;
+                for _ in 0..10_000 {
+                    clock += 2_000;
+                    w.commit(&mut p, clock)?;
+                    w.deliver(&mut p, clock, true)?;
+                    let a = p.on_tick(clock, Some(clock));
+                    w.handle(a)?;
+                    let a = p.flush(clock);
+                    w.handle(a)?;
+                    if w.pending.is_none()
+                        && w.sending.is_none()
+                        && p.is_settled()
+                        && p.buffered_len() == 0
+                        && p.outbox_len() == 0
+                    {
+                        settled = true;
+                        break;
+                    }
+                }
+                prop_assert!(
+                    settled,
+                    "the last owner never settles (replaying {})",
+                    p.is_replaying()
+                );
+            }
+        }
+
+        let mut lettered: HashMap<i64, Reason> = HashMap::new();
+        for l in &letters {
+            prop_assert!(
+                lettered.insert(l.source_offset, l.reason).is_none(),
+                "offset {} dead-lettered twice",
+                l.source_offset
+            );
+        }
+        let mut stored: HashMap<(String, i64), usize> = HashMap::new();
+        let mut newest: HashMap<String, i64> = HashMap::new();
+        for e in &sink.stored {
+            *stored.entry((e.device_id.clone(), e.ts)).or_default() += 1;
+            let before = newest.insert(e.device_id.clone(), e.ts);
+            prop_assert!(
+                before.is_none_or(|b| b < e.ts),
+                "{} stored out of order: {:?} then {}",
+                e.device_id,
+                before,
+                e.ts
+            );
+        }
+        for (identity, times) in &stored {
+            prop_assert_eq!(*times, 1, "{:?} stored {} times", identity, times);
+        }
+        let mut copies: HashMap<(String, i64), Vec<i64>> = HashMap::new();
+        for (o, bytes) in events.iter().enumerate() {
+            match Event::from_json(bytes) {
+                Ok(e) => copies.entry((e.device_id, e.ts)).or_default().push(o as i64),
+                Err(_) => prop_assert_eq!(lettered.get(&(o as i64)), Some(&Reason::Invalid), "offset {}", o),
+            }
+        }
+        for (identity, offsets) in &copies {
+            let is_stored = stored.contains_key(identity);
+            let lettered_any = offsets.iter().any(|o| lettered.contains_key(o));
+            prop_assert!(is_stored || lettered_any, "{:?} at {:?} lost", identity, offsets);
+            if offsets.len() == 1 {
+                prop_assert!(
+                    !(is_stored && lettered_any),
+                    "{:?} at {:?} stored and dead-lettered",
+                    identity,
+                    offsets
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1_000))]
+
+        #[test]
+        fn owners_that_crash_or_are_revoked_keep_every_event_exactly_once(
+            events in stream(),
+            seed in any::<u64>(),
+            owners in 1usize..6,
+        ) {
+            run(&events, seed, owners)?;
+        }
+    }
+}

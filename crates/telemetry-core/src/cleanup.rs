@@ -92,6 +92,8 @@ pub struct Changes {
     pub new_keys: Vec<SeenKey>,
     /// Identities dropped from the horizon: for each device, every key below the given ts.
     pub pruned: Vec<(String, i64)>,
+    /// The partition's new forgotten floor, when it rose ([`Cleaner::forgotten_below`]).
+    pub forgotten_below: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -149,6 +151,9 @@ pub struct Cleaner {
     buckets: BTreeMap<i64, Vec<String>>,
     evicted: Vec<String>,
     evicted_total: u64,
+    /// Every event time below this may belong to a forgotten device (`i64::MIN`: none forgotten).
+    forgotten_below: i64,
+    forgotten_changed: bool,
 }
 
 impl Cleaner {
@@ -161,6 +166,8 @@ impl Cleaner {
             buckets: BTreeMap::new(),
             evicted: Vec::new(),
             evicted_total: 0,
+            forgotten_below: i64::MIN,
+            forgotten_changed: false,
         }
     }
 
@@ -189,6 +196,20 @@ impl Cleaner {
         }
         c.rebucket();
         c
+    }
+
+    /// The forgotten floor a checkpoint persisted, for a restored cleaner.
+    pub fn with_forgotten_below(mut self, below: Option<i64>) -> Self {
+        self.forgotten_below = below.unwrap_or(i64::MIN);
+        self
+    }
+
+    /// Above every event time a forgotten device had: an event below it may be a resend of a
+    /// forgotten identity, so a device the partition does not know is accepted only at or above
+    /// it, and a device that comes back has its watermark start there (whatever the horizon is
+    /// now: raising it does not bring forgotten identities back).
+    pub fn forgotten_below(&self) -> Option<i64> {
+        (self.forgotten_below != i64::MIN).then_some(self.forgotten_below)
     }
 
     /// Files every device under the eviction bucket of its newest event.
@@ -300,12 +321,15 @@ impl Cleaner {
         let device = match self.devices.get_mut(&event.device_id) {
             Some(d) => d,
             None => {
-                if self.max_ts != i64::MIN && event.ts < self.max_ts.saturating_sub(horizon) {
+                if (self.max_ts != i64::MIN && event.ts < self.max_ts.saturating_sub(horizon))
+                    || event.ts < self.forgotten_below
+                {
                     return Outcome::Late;
                 }
-                self.devices
-                    .entry(event.device_id.clone())
-                    .or_insert_with(|| Device::new(now_ms))
+                let mut device = Device::new(now_ms);
+                // Perhaps forgotten and back: nothing it may have sent before counts as new.
+                device.mark.released_max = self.forgotten_below;
+                self.devices.entry(event.device_id.clone()).or_insert(device)
             }
         };
         device.last_arrival_ms = now_ms;
@@ -413,6 +437,10 @@ impl Cleaner {
                 }
                 if d.mark.max_ts < floor && d.buffer.is_empty() {
                     let d = self.devices.remove(&id).expect("looked up above");
+                    if d.mark.max_ts >= self.forgotten_below {
+                        self.forgotten_below = d.mark.max_ts.saturating_add(1);
+                        self.forgotten_changed = true;
+                    }
                     self.out.seen -= d.seen.len();
                     self.evicted_total += 1;
                     self.evicted.push(id);
@@ -455,6 +483,7 @@ impl Cleaner {
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
             evicted: std::mem::take(&mut self.evicted),
+            forgotten_below: std::mem::take(&mut self.forgotten_changed).then_some(self.forgotten_below),
             ..Changes::default()
         };
         // Only identities still kept: not those of a device evicted since (even if it came back:
@@ -865,6 +894,51 @@ mod tests {
         );
         let d = ch.devices.iter().find(|(id, _)| id == "d").map(|(_, m)| m.max_ts);
         assert_eq!(d, Some(2_500));
+    }
+
+    #[test]
+    fn a_device_forgotten_and_back_does_not_take_its_old_events_as_new() {
+        let mut c = Cleaner::new(cfg(200, 300, 1_000));
+        let mut out = Vec::new();
+        assert_eq!(c.process(ev("d", 1_427), 0, 0), Outcome::Buffered);
+        assert_eq!(c.process(ev("d", 1_587), 1, 0), Outcome::Buffered);
+        assert_eq!(c.process(ev("e", 1_902), 2, 0), Outcome::Buffered);
+        c.tick(5_000); // idle flush of d and e, then d (1587 < 1902 - 300) is forgotten
+        out.extend(c.drain_released());
+        assert_eq!(c.device_count(), 1, "d is forgotten");
+        assert_eq!(c.forgotten_below(), Some(1_588));
+        assert_eq!(
+            c.process(ev("d", 1_602), 3, 5_000),
+            Outcome::Buffered,
+            "back, within the horizon"
+        );
+        assert_eq!(
+            c.process(ev("d", 1_427), 4, 5_000),
+            Outcome::Late,
+            "a resend of what it sent before it was forgotten: within its new lateness, but not new"
+        );
+        // With the horizon raised, an unknown device is still accepted only from the floor on.
+        c.set_config(cfg(200, 100_000, 1_000));
+        assert_eq!(
+            c.process(ev("g", 1_500), 5, 5_000),
+            Outcome::Late,
+            "perhaps forgotten"
+        );
+        assert_eq!(
+            c.process(ev("f", 1_588), 6, 5_000),
+            Outcome::Buffered,
+            "at the floor: new"
+        );
+        c.tick(10_000);
+        out.extend(c.drain_released());
+        let d: Vec<i64> = out
+            .iter()
+            .filter(|r| r.event.device_id == "d")
+            .map(|r| r.event.ts)
+            .collect();
+        assert_eq!(d, vec![1_427, 1_587, 1_602]);
+        assert_eq!(c.take_changes().forgotten_below, Some(1_588), "recorded once");
+        assert_eq!(c.take_changes().forgotten_below, None);
     }
 
     #[test]
