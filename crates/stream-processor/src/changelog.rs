@@ -54,8 +54,8 @@ pub struct PartitionState {
     /// The last commit records `waiting` (a changelog written before it did not: its events
     /// below the decided offset can only be decided again).
     pub waiting_known: bool,
-    /// Above every event time of a forgotten device (see `Cleaner::forgotten_below`).
-    pub forgotten_below: Option<i64>,
+    /// Above every event time of a forgotten device (see `Cleaner::forgotten_through`).
+    pub forgotten_through: Option<i64>,
 }
 
 /// A set of offsets as disjoint ranges `[start, end)`: the events waiting in reorder buffers,
@@ -202,8 +202,8 @@ impl PartitionState {
                 for (start, end) in &delta.waiting_added {
                     self.waiting.insert(*start, *end);
                 }
-                if delta.forgotten_below.is_some() {
-                    self.forgotten_below = delta.forgotten_below;
+                if delta.forgotten_through.is_some() {
+                    self.forgotten_through = delta.forgotten_through;
                 }
             }
             Record::Commit(c) => {
@@ -224,12 +224,12 @@ impl PartitionState {
         marks: Vec<(String, DeviceMark)>,
         keys: Vec<SeenKey>,
         waiting: Vec<(i64, i64)>,
-        forgotten_below: Option<i64>,
+        forgotten_through: Option<i64>,
         outbox: impl IntoIterator<Item = OutboxBatch>,
     ) -> Vec<Record> {
         let mut out = vec![Record::Reset];
         let all = StateDelta {
-            forgotten_below,
+            forgotten_through,
             waiting_added: waiting,
             waiting_removed: Vec::new(),
             evicted: Vec::new(),
@@ -259,7 +259,7 @@ impl PartitionState {
             marks,
             self.seen_keys(),
             self.waiting.ranges().collect(),
-            self.forgotten_below,
+            self.forgotten_through,
             self.outbox.values().cloned(),
         );
         records.push(Record::Commit(Commit {
@@ -301,7 +301,7 @@ pub struct StateDelta {
     pub waiting_added: Vec<(i64, i64)>,
     /// The partition's forgotten floor, when it rose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub forgotten_below: Option<i64>,
+    pub forgotten_through: Option<i64>,
 }
 
 impl StateDelta {
@@ -310,7 +310,7 @@ impl StateDelta {
     pub fn into_chunks(self) -> Vec<StateDelta> {
         let mut out = Vec::new();
         let mut cur = StateDelta {
-            forgotten_below: self.forgotten_below,
+            forgotten_through: self.forgotten_through,
             ..StateDelta::default()
         };
         let mut bytes = 0usize;
@@ -402,7 +402,7 @@ struct Wire<'a> {
     waiting_removed: Vec<(i64, i64)>,
     #[serde(default)]
     waiting_added: Vec<(i64, i64)>,
-    forgotten_below: Option<i64>,
+    forgotten_through: Option<i64>,
     id: Option<String>,
     resume_offset: Option<i64>,
     decided_offset: Option<i64>,
@@ -456,7 +456,7 @@ impl Record {
                 pruned: w.pruned,
                 waiting_removed: w.waiting_removed,
                 waiting_added: w.waiting_added,
-                forgotten_below: w.forgotten_below,
+                forgotten_through: w.forgotten_through,
             }),
             "commit" => Record::Commit(Commit {
                 id: w.id.ok_or_else(|| missing("id"))?,
@@ -518,7 +518,7 @@ mod tests {
                 pruned: vec![("e".into(), 2)],
                 waiting_removed: vec![(0, 4)],
                 waiting_added: vec![(7, 9), (12, 13)],
-                forgotten_below: Some(-3),
+                forgotten_through: Some(-3),
             }),
             commit("w-1", 7, 4, Some(2)),
         ];

@@ -178,7 +178,7 @@ impl Partition {
         });
         Partition {
             cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now)
-                .with_forgotten_below(state.forgotten_below),
+                .with_forgotten_through(state.forgotten_through),
             force_snapshot: state.resume_offset.is_some() && !state.waiting_known,
             replay,
             recorded_through: state.decided_offset,
@@ -562,7 +562,7 @@ impl Partition {
             let (marks, keys) = self.cleaner.snapshot();
             let waiting = self.cleaner.buffered_offset_ranges(i64::MIN);
             let outbox = self.outbox.iter().chain(batches.iter()).cloned();
-            let forgotten = self.cleaner.forgotten_below();
+            let forgotten = self.cleaner.forgotten_through();
             PartitionState::snapshot_records(marks, keys, waiting, forgotten, outbox.collect::<Vec<_>>())
         } else {
             let mut records: Vec<Record> = batches
@@ -588,7 +588,7 @@ impl Partition {
                 pruned: changes.pruned,
                 waiting_removed,
                 waiting_added,
-                forgotten_below: changes.forgotten_below,
+                forgotten_through: changes.forgotten_through,
             };
             records.extend(delta.into_chunks().into_iter().map(Record::State));
             records
@@ -1207,7 +1207,7 @@ mod tests {
             !state.marks.contains_key("d"),
             "d is forgotten, and that is recorded"
         );
-        assert_eq!(state.forgotten_below, Some(1_001));
+        assert_eq!(state.forgotten_through, Some(1_000));
         // Restarted with DEDUP_HORIZON_MS raised, d resends its stored event.
         let mut q = Partition::restore(big, state.clone(), 0, 0);
         let a = q.on_event(None, &of("d", 1_000), 3, 0);
@@ -1222,6 +1222,49 @@ mod tests {
         assert_eq!(
             letters.iter().map(|d| d.source_offset).collect::<Vec<_>>(),
             vec![3]
+        );
+    }
+
+    #[test]
+    fn a_pruned_identity_stays_late_after_the_lateness_is_raised_above_the_former_horizon() {
+        let mut narrow = cfg();
+        narrow.cleanup = CleanupConfig {
+            allowed_lateness_ms: 50,
+            dedup_horizon_ms: 300,
+            idle_timeout_ms: 1_000,
+        };
+        let mut wide = narrow.clone();
+        wide.cleanup.allowed_lateness_ms = 1_500;
+        wide.cleanup.dedup_horizon_ms = 1_500;
+        let mut state = PartitionState::default();
+        let mut p = Partition::restore(narrow, PartitionState::default(), 0, 0);
+        let a = p.on_event(None, &ev(1_000), 0, 0);
+        commit_through(&mut p, &mut state, a, 0);
+        let a = p.on_tick(2_000, Some(2_000));
+        commit_through(&mut p, &mut state, a, 2_000);
+        // 2000 waits; 1000, released by the idle flush, falls out of the horizon (1700).
+        let a = p.on_event(None, &ev(2_000), 1, 2_000);
+        commit_through(&mut p, &mut state, a, 2_000);
+        let a = p.flush(2_000);
+        commit_through(&mut p, &mut state, a, 2_000);
+        assert!(
+            !state.keys.get("d").is_some_and(|k| k.contains_key(&1_000)),
+            "pruned"
+        );
+        let mut q = Partition::restore(wide, state.clone(), 0, 2_000);
+        let mut letters = Vec::new();
+        for (o, ts) in [(1, 2_000), (2, 1_000)] {
+            let a = q.on_event(None, &ev(ts), o, 2_000);
+            letters.extend(commit_through(&mut q, &mut state, a, 2_000).0);
+        }
+        let a = q.on_tick(9_000, Some(9_000));
+        letters.extend(commit_through(&mut q, &mut state, a, 9_000).0);
+        let a = q.flush(9_000);
+        letters.extend(commit_through(&mut q, &mut state, a, 9_000).0);
+        assert_eq!(outbox_ts(&state), vec![1_000, 2_000], "1000 once, in order");
+        assert_eq!(
+            letters.iter().map(|d| d.source_offset).collect::<Vec<_>>(),
+            vec![2]
         );
     }
 

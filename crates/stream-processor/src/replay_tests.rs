@@ -76,16 +76,16 @@ fn stream() -> impl Strategy<Value = Vec<Vec<u8>>> {
     })
 }
 
-/// Lateness never above any horizon (a lateness above a former horizon lets an identity
-/// forgotten under it be stored again, restored or not).
+/// Any settings the processor accepts (lateness at most the horizon), changed between owners in
+/// any direction.
 fn settings() -> impl Strategy<Value = CleanupConfig> {
     (
-        prop_oneof![Just(0i64), Just(50), Just(200)],
-        prop_oneof![Just(300i64), Just(1_000), Just(100_000)],
+        prop_oneof![Just(0i64), Just(50), Just(200), Just(1_500)],
+        prop_oneof![Just(300i64), Just(1_000), Just(1_500), Just(100_000)],
     )
         .prop_map(|(lateness, horizon)| CleanupConfig {
             allowed_lateness_ms: lateness,
-            dedup_horizon_ms: horizon,
+            dedup_horizon_ms: horizon.max(lateness),
             idle_timeout_ms: 1_000,
         })
 }
@@ -444,9 +444,10 @@ mod invariants {
         let mut clock = 0u64;
         for i in 0..owners {
             let last = i + 1 == owners;
+            let lateness = rng.pick(&[0, 50, 200, 1_500]);
             let mut cfg = config(CleanupConfig {
-                allowed_lateness_ms: rng.pick(&[0, 50, 200]),
-                dedup_horizon_ms: rng.pick(&[300, 1_000, 100_000]),
+                allowed_lateness_ms: lateness,
+                dedup_horizon_ms: rng.pick(&[300, 1_000, 1_500, 100_000]).max(lateness),
                 idle_timeout_ms: 1_000,
             });
             cfg.batch_size = 1 + (rng.next() % 5) as usize;

@@ -358,7 +358,7 @@ mod tests {
                     pruned: vec![],
                     waiting_removed: vec![],
                     waiting_added: vec![(7, 8)],
-                    forgotten_below: Some(5),
+                    forgotten_through: Some(5),
                 }),
                 commit("w-1", 7, 2, None),
             ],

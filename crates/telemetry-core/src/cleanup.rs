@@ -4,13 +4,15 @@
 //! milliseconds); nothing here reads a clock or does I/O.
 //!
 //! Rules (DESIGN.md): a device's watermark is `max(max_ts - allowed_lateness, released_max)`.
-//! An event below it on arrival is late. Buffered events with `ts <= watermark` are released in
-//! ts order. A device silent for `idle_timeout_ms` has its whole buffer released, which raises
+//! An event below it on arrival is late, and so is one at or below `released_max` that is not a
+//! duplicate of a kept identity. Buffered events with `ts <= watermark` are released in ts
+//! order. A device silent for `idle_timeout_ms` has its whole buffer released, which raises
 //! `released_max`. Identities of released events are kept while `ts >= max_ts - dedup_horizon`.
 //! A device whose newest event is more than the horizon behind the partition's newest event,
 //! with nothing buffered, is forgotten (evicted); so that nothing it sent before can come back
 //! as new, a device the partition does not know is accepted only from the partition's newest
-//! event time minus the horizon on (earlier: late).
+//! event time minus the horizon on, and only above the newest event time of every device
+//! forgotten (earlier: late); a device that comes back starts with that as its `released_max`.
 //!
 //! Work per event, per tick and per checkpoint follows the devices concerned, not all devices:
 //! changed devices are listed as they change, waiting ones are indexed, and eviction candidates
@@ -92,8 +94,8 @@ pub struct Changes {
     pub new_keys: Vec<SeenKey>,
     /// Identities dropped from the horizon: for each device, every key below the given ts.
     pub pruned: Vec<(String, i64)>,
-    /// The partition's new forgotten floor, when it rose ([`Cleaner::forgotten_below`]).
-    pub forgotten_below: Option<i64>,
+    /// The partition's new forgotten floor, when it rose ([`Cleaner::forgotten_through`]).
+    pub forgotten_through: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -151,8 +153,8 @@ pub struct Cleaner {
     buckets: BTreeMap<i64, Vec<String>>,
     evicted: Vec<String>,
     evicted_total: u64,
-    /// Every event time below this may belong to a forgotten device (`i64::MIN`: none forgotten).
-    forgotten_below: i64,
+    /// Every event time at or below this may belong to a forgotten device (`i64::MIN`: none).
+    forgotten_through: i64,
     forgotten_changed: bool,
 }
 
@@ -166,7 +168,7 @@ impl Cleaner {
             buckets: BTreeMap::new(),
             evicted: Vec::new(),
             evicted_total: 0,
-            forgotten_below: i64::MIN,
+            forgotten_through: i64::MIN,
             forgotten_changed: false,
         }
     }
@@ -199,17 +201,17 @@ impl Cleaner {
     }
 
     /// The forgotten floor a checkpoint persisted, for a restored cleaner.
-    pub fn with_forgotten_below(mut self, below: Option<i64>) -> Self {
-        self.forgotten_below = below.unwrap_or(i64::MIN);
+    pub fn with_forgotten_through(mut self, through: Option<i64>) -> Self {
+        self.forgotten_through = through.unwrap_or(i64::MIN);
         self
     }
 
-    /// Above every event time a forgotten device had: an event below it may be a resend of a
-    /// forgotten identity, so a device the partition does not know is accepted only at or above
-    /// it, and a device that comes back has its watermark start there (whatever the horizon is
-    /// now: raising it does not bring forgotten identities back).
-    pub fn forgotten_below(&self) -> Option<i64> {
-        (self.forgotten_below != i64::MIN).then_some(self.forgotten_below)
+    /// The newest event time any forgotten device had: an event at or below it may be a resend
+    /// of a forgotten identity, so a device the partition does not know is accepted only above
+    /// it, and a device that comes back starts as if it had released it (whatever the horizon
+    /// is now: raising it does not bring forgotten identities back).
+    pub fn forgotten_through(&self) -> Option<i64> {
+        (self.forgotten_through != i64::MIN).then_some(self.forgotten_through)
     }
 
     /// Files every device under the eviction bucket of its newest event.
@@ -322,13 +324,13 @@ impl Cleaner {
             Some(d) => d,
             None => {
                 if (self.max_ts != i64::MIN && event.ts < self.max_ts.saturating_sub(horizon))
-                    || event.ts < self.forgotten_below
+                    || event.ts <= self.forgotten_through
                 {
                     return Outcome::Late;
                 }
                 let mut device = Device::new(now_ms);
                 // Perhaps forgotten and back: nothing it may have sent before counts as new.
-                device.mark.released_max = self.forgotten_below;
+                device.mark.released_max = self.forgotten_through;
                 self.devices.entry(event.device_id.clone()).or_insert(device)
             }
         };
@@ -348,7 +350,11 @@ impl Cleaner {
                 Outcome::Conflict
             };
         }
-        if device.mark.max_ts != i64::MIN && event.ts < device.watermark(lateness) {
+        // At or below what was released, and not found above: its identity was pruned (it is the
+        // released one, or older), or it was forgotten.
+        if event.ts <= device.mark.released_max
+            || (device.mark.max_ts != i64::MIN && event.ts < device.watermark(lateness))
+        {
             return Outcome::Late;
         }
         device.mark.max_ts = device.mark.max_ts.max(event.ts);
@@ -437,8 +443,8 @@ impl Cleaner {
                 }
                 if d.mark.max_ts < floor && d.buffer.is_empty() {
                     let d = self.devices.remove(&id).expect("looked up above");
-                    if d.mark.max_ts >= self.forgotten_below {
-                        self.forgotten_below = d.mark.max_ts.saturating_add(1);
+                    if d.mark.max_ts > self.forgotten_through {
+                        self.forgotten_through = d.mark.max_ts;
                         self.forgotten_changed = true;
                     }
                     self.out.seen -= d.seen.len();
@@ -483,7 +489,7 @@ impl Cleaner {
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
             evicted: std::mem::take(&mut self.evicted),
-            forgotten_below: std::mem::take(&mut self.forgotten_changed).then_some(self.forgotten_below),
+            forgotten_through: std::mem::take(&mut self.forgotten_changed).then_some(self.forgotten_through),
             ..Changes::default()
         };
         // Only identities still kept: not those of a device evicted since (even if it came back:
@@ -906,7 +912,7 @@ mod tests {
         c.tick(5_000); // idle flush of d and e, then d (1587 < 1902 - 300) is forgotten
         out.extend(c.drain_released());
         assert_eq!(c.device_count(), 1, "d is forgotten");
-        assert_eq!(c.forgotten_below(), Some(1_588));
+        assert_eq!(c.forgotten_through(), Some(1_587));
         assert_eq!(
             c.process(ev("d", 1_602), 3, 5_000),
             Outcome::Buffered,
@@ -927,7 +933,7 @@ mod tests {
         assert_eq!(
             c.process(ev("f", 1_588), 6, 5_000),
             Outcome::Buffered,
-            "at the floor: new"
+            "above the floor: new"
         );
         c.tick(10_000);
         out.extend(c.drain_released());
@@ -937,8 +943,8 @@ mod tests {
             .map(|r| r.event.ts)
             .collect();
         assert_eq!(d, vec![1_427, 1_587, 1_602]);
-        assert_eq!(c.take_changes().forgotten_below, Some(1_588), "recorded once");
-        assert_eq!(c.take_changes().forgotten_below, None);
+        assert_eq!(c.take_changes().forgotten_through, Some(1_587), "recorded once");
+        assert_eq!(c.take_changes().forgotten_through, None);
     }
 
     #[test]
