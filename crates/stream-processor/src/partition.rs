@@ -670,6 +670,48 @@ mod tests {
         format!(r#"{{"deviceId":"d","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
     }
 
+    fn with_cleanup(allowed_lateness_ms: i64, dedup_horizon_ms: i64) -> PartitionConfig {
+        PartitionConfig {
+            cleanup: CleanupConfig {
+                allowed_lateness_ms,
+                dedup_horizon_ms,
+                idle_timeout_ms: 1_000,
+            },
+            ..cfg()
+        }
+    }
+
+    /// Device d's events at (offset, ts), each checkpoint committed at once, then a flush;
+    /// returns the dead letters written.
+    fn feed(p: &mut Partition, state: &mut PartitionState, events: &[(i64, i64)]) -> Vec<DeadLetter> {
+        let mut letters = Vec::new();
+        for (o, ts) in events {
+            let a = p.on_event(None, &ev(*ts), *o, 0);
+            letters.extend(commit_through(p, state, a, 0).0);
+        }
+        let a = p.flush(0);
+        letters.extend(commit_through(p, state, a, 0).0);
+        letters
+    }
+
+    fn of(device: &str, ts: i64) -> Vec<u8> {
+        format!(r#"{{"deviceId":"{device}","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
+    }
+
+    fn offsets(letters: &[DeadLetter]) -> Vec<i64> {
+        letters.iter().map(|d| d.source_offset).collect()
+    }
+
+    /// Everything read is quiet at `now`: idle devices are released, then all is checkpointed
+    /// and committed; returns the dead letters written.
+    fn settle(p: &mut Partition, state: &mut PartitionState, now: u64) -> Vec<DeadLetter> {
+        let a = p.on_tick(now, Some(now));
+        let mut letters = commit_through(p, state, a, now).0;
+        let a = p.flush(now);
+        letters.extend(commit_through(p, state, a, now).0);
+        letters
+    }
+
     fn fresh() -> Partition {
         Partition::restore(cfg(), PartitionState::default(), 0, 0)
     }
@@ -781,10 +823,7 @@ mod tests {
             let a = q.on_event(None, payload, *o, 10);
             again.extend(commit_through(&mut q, &mut all, a, 10).0);
         }
-        let a = q.on_tick(5_000, Some(5_000));
-        again.extend(commit_through(&mut q, &mut all, a, 5_000).0);
-        let a = q.flush(5_000);
-        again.extend(commit_through(&mut q, &mut all, a, 5_000).0);
+        again.extend(settle(&mut q, &mut all, 5_000));
         assert!(again.is_empty(), "dead letters were written before: {again:?}");
         let ts: Vec<i64> = all
             .outbox
@@ -990,10 +1029,7 @@ mod tests {
             }
             letters.extend(commit_through(&mut q, &mut again, a, 20_001).0);
         }
-        let a = q.on_tick(30_000, Some(30_000));
-        letters.extend(commit_through(&mut q, &mut again, a, 30_000).0);
-        let a = q.flush(30_000);
-        letters.extend(commit_through(&mut q, &mut again, a, 30_000).0);
+        letters.extend(settle(&mut q, &mut again, 30_000));
         assert_eq!(
             outbox_ts(&again),
             vec![1000, 1050, 1070],
@@ -1010,9 +1046,6 @@ mod tests {
 
     #[test]
     fn an_event_waiting_when_the_lateness_is_lowered_survives_a_second_restart() {
-        let of = |device: &str, ts: i64| {
-            format!(r#"{{"deviceId":"{device}","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
-        };
         let mut p = fresh();
         let mut state = PartitionState::default();
         // Lateness 100 ms: d@1000 and d@1060 wait (offsets 0, 1).
@@ -1061,12 +1094,7 @@ mod tests {
         let mut p = fresh();
         let mut state = PartitionState::default();
         // 1000 waits at offset 0; 10 (offset 1) is late; 1020 waits (offset 2).
-        for (o, ts) in [(0, 1000), (1, 10), (2, 1020)] {
-            let a = p.on_event(None, &ev(ts), o, 0);
-            commit_through(&mut p, &mut state, a, 0);
-        }
-        let a = p.flush(0);
-        let (letters, _) = commit_through(&mut p, &mut state, a, 0);
+        let letters = feed(&mut p, &mut state, &[(0, 1000), (1, 10), (2, 1020)]);
         assert_eq!(letters.len(), 1);
         assert_eq!(state.decided_offset, 3);
         assert_eq!(state.waiting.ranges().collect::<Vec<_>>(), vec![(0, 1), (2, 3)]);
@@ -1107,9 +1135,6 @@ mod tests {
 
     #[test]
     fn an_event_late_by_the_horizon_stays_dead_lettered_when_its_device_is_known_on_reading_again() {
-        let of = |device: &str, ts: i64| {
-            format!(r#"{{"deviceId":"{device}","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
-        };
         let mut c = cfg();
         c.cleanup.dedup_horizon_ms = 1_000;
         let stream = [("e", 100_000), ("d", 98_950), ("d", 99_000)];
@@ -1134,10 +1159,7 @@ mod tests {
             let a = q.on_event(None, &of(device, *ts), o as i64, 1);
             letters.extend(commit_through(&mut q, &mut state, a, 1).0);
         }
-        let a = q.on_tick(10_000, Some(10_000));
-        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
-        let a = q.flush(10_000);
-        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
+        letters.extend(settle(&mut q, &mut state, 10_000));
         assert_eq!(letters.len(), 1);
         let mut stored = outbox_ts(&state);
         stored.sort_unstable();
@@ -1180,17 +1202,8 @@ mod tests {
 
     #[test]
     fn a_device_forgotten_under_a_small_horizon_stays_forgotten_after_it_is_raised() {
-        let of = |device: &str, ts: i64| {
-            format!(r#"{{"deviceId":"{device}","ts":{ts},"latitude":1,"longitude":2}}"#).into_bytes()
-        };
-        let mut small = cfg();
-        small.cleanup = CleanupConfig {
-            allowed_lateness_ms: 0,
-            dedup_horizon_ms: 300,
-            idle_timeout_ms: 1_000,
-        };
-        let mut big = small.clone();
-        big.cleanup.dedup_horizon_ms = 100_000;
+        let small = with_cleanup(0, 300);
+        let big = with_cleanup(0, 100_000);
         let mut state = PartitionState::default();
         let mut p = Partition::restore(small, PartitionState::default(), 0, 0);
         for (o, payload) in [(0, of("d", 1_000)), (1, of("e", 2_000))] {
@@ -1212,30 +1225,17 @@ mod tests {
         let mut q = Partition::restore(big, state.clone(), 0, 0);
         let a = q.on_event(None, &of("d", 1_000), 3, 0);
         let (mut letters, _) = commit_through(&mut q, &mut state, a, 0);
-        let a = q.on_tick(10_000, Some(10_000));
-        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
-        let a = q.flush(10_000);
-        letters.extend(commit_through(&mut q, &mut state, a, 10_000).0);
+        letters.extend(settle(&mut q, &mut state, 10_000));
         let mut stored = outbox_ts(&state);
         stored.sort_unstable();
         assert_eq!(stored, vec![1_000, 2_000, 2_100], "d@1000 once");
-        assert_eq!(
-            letters.iter().map(|d| d.source_offset).collect::<Vec<_>>(),
-            vec![3]
-        );
+        assert_eq!(offsets(&letters), vec![3]);
     }
 
     #[test]
     fn a_pruned_identity_stays_late_after_the_lateness_is_raised_above_the_former_horizon() {
-        let mut narrow = cfg();
-        narrow.cleanup = CleanupConfig {
-            allowed_lateness_ms: 50,
-            dedup_horizon_ms: 300,
-            idle_timeout_ms: 1_000,
-        };
-        let mut wide = narrow.clone();
-        wide.cleanup.allowed_lateness_ms = 1_500;
-        wide.cleanup.dedup_horizon_ms = 1_500;
+        let narrow = with_cleanup(50, 300);
+        let wide = with_cleanup(1_500, 1_500);
         let mut state = PartitionState::default();
         let mut p = Partition::restore(narrow, PartitionState::default(), 0, 0);
         let a = p.on_event(None, &ev(1_000), 0, 0);
@@ -1257,27 +1257,16 @@ mod tests {
             let a = q.on_event(None, &ev(ts), o, 2_000);
             letters.extend(commit_through(&mut q, &mut state, a, 2_000).0);
         }
-        let a = q.on_tick(9_000, Some(9_000));
-        letters.extend(commit_through(&mut q, &mut state, a, 9_000).0);
-        let a = q.flush(9_000);
-        letters.extend(commit_through(&mut q, &mut state, a, 9_000).0);
+        letters.extend(settle(&mut q, &mut state, 9_000));
         assert_eq!(outbox_ts(&state), vec![1_000, 2_000], "1000 once, in order");
-        assert_eq!(
-            letters.iter().map(|d| d.source_offset).collect::<Vec<_>>(),
-            vec![2]
-        );
+        assert_eq!(offsets(&letters), vec![2]);
     }
 
     #[test]
     fn a_checkpoint_without_waiting_offsets_is_decided_again_then_snapshotted() {
         let mut p = fresh();
         let mut state = PartitionState::default();
-        for (o, ts) in [(0, 1000), (1, 10), (2, 1020)] {
-            let a = p.on_event(None, &ev(ts), o, 0);
-            commit_through(&mut p, &mut state, a, 0);
-        }
-        let a = p.flush(0);
-        commit_through(&mut p, &mut state, a, 0);
+        feed(&mut p, &mut state, &[(0, 1000), (1, 10), (2, 1020)]);
         // As an older changelog left it: no waiting offsets.
         state.waiting = OffsetRanges::default();
         state.waiting_known = false;
