@@ -2,6 +2,10 @@ use anyhow::Context;
 use clap::Parser;
 use ingest_api::{Application, Settings};
 
+/// mimalloc, as in the stream-processor (the two share the machine during a drain).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     service_common::init_tracing();
