@@ -8,6 +8,10 @@ use axum::{Json, Router};
 use serde_json::json;
 use telemetry_core::Event;
 
+/// The proxy's allocator, so the comparison is like with like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let port: u16 = std::env::var("PORT")

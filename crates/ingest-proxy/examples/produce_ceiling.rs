@@ -21,6 +21,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use telemetry_core::Event;
 
+/// The proxy's allocator, so the comparison is like with like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Ceiling {
     producer: FutureProducer,
     topic: String,

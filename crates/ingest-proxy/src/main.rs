@@ -2,6 +2,10 @@ use anyhow::Context;
 use clap::Parser;
 use ingest_proxy::{Application, Settings};
 
+/// mimalloc, as in the stream-processor and ingest-api.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     service_common::init_tracing();
