@@ -54,7 +54,7 @@ pub struct PartitionState {
     /// The last commit records `waiting` (a changelog written before it did not: its events
     /// below the decided offset can only be decided again).
     pub waiting_known: bool,
-    /// Above every event time of a forgotten device (see `Cleaner::forgotten_through`).
+    /// The newest event time of every forgotten device (see `Cleaner::forgotten_through`).
     pub forgotten_through: Option<i64>,
 }
 

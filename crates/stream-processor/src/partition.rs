@@ -492,6 +492,21 @@ impl Partition {
         actions
     }
 
+    /// Released offsets as few ranges as can be: two join when no offset between them waits
+    /// (whatever lies between was not waiting, so removing it too changes nothing).
+    fn removed_ranges(&self, mut released: Vec<i64>) -> Vec<(i64, i64)> {
+        released.sort_unstable();
+        let mut out: Vec<(i64, i64)> = Vec::new();
+        for offset in released {
+            match out.last_mut() {
+                Some(last) if offset < last.1 => {}
+                Some(last) if !self.cleaner.any_buffered_in(last.1, offset) => last.1 = offset + 1,
+                _ => out.push((offset, offset + 1)),
+            }
+        }
+        out
+    }
+
     fn checkpoint(&mut self, now: u64) -> CheckpointPlan {
         self.take_released(now);
         let partition = self.cfg.partition;
@@ -625,23 +640,6 @@ impl Partition {
             batch_sizes,
             split,
         }
-    }
-}
-
-impl Partition {
-    /// Released offsets as few ranges as can be: two join when no offset between them waits
-    /// (whatever lies between was not waiting, so removing it too changes nothing).
-    fn removed_ranges(&self, mut released: Vec<i64>) -> Vec<(i64, i64)> {
-        released.sort_unstable();
-        let mut out: Vec<(i64, i64)> = Vec::new();
-        for offset in released {
-            match out.last_mut() {
-                Some(last) if offset < last.1 => {}
-                Some(last) if !self.cleaner.any_buffered_in(last.1, offset) => last.1 = offset + 1,
-                _ => out.push((offset, offset + 1)),
-            }
-        }
-        out
     }
 }
 

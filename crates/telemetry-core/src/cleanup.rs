@@ -12,7 +12,8 @@
 //! with nothing buffered, is forgotten (evicted); so that nothing it sent before can come back
 //! as new, a device the partition does not know is accepted only from the partition's newest
 //! event time minus the horizon on, and only above the newest event time of every device
-//! forgotten (earlier: late); a device that comes back starts with that as its `released_max`.
+//! forgotten (earlier: late); a device new to the partition starts with that as its
+//! `released_max`.
 //!
 //! Work per event, per tick and per checkpoint follows the devices concerned, not all devices:
 //! changed devices are listed as they change, waiting ones are indexed, and eviction candidates
@@ -264,7 +265,6 @@ impl Cleaner {
     /// buffered or released, which a consistent checkpoint never gives.
     pub fn rebuffer(&mut self, event: Event, offset: i64, now_ms: u64) -> bool {
         let width = self.bucket_width();
-        let known = self.devices.contains_key(&event.device_id);
         let device = self
             .devices
             .entry(event.device_id.clone())
@@ -273,31 +273,17 @@ impl Cleaner {
             return false;
         }
         device.last_arrival_ms = now_ms;
-        if !known || event.ts > device.mark.max_ts {
-            // Not from a consistent checkpoint (its mark counts every waiting event): keep the
-            // mark true to the buffer all the same.
-            device.mark.max_ts = device.mark.max_ts.max(event.ts);
-            self.max_ts = self.max_ts.max(event.ts);
-            device.dirty = true;
-            if !device.listed {
-                device.listed = true;
-                self.out.changed.push(event.device_id.clone());
-            }
-            let bucket = device.mark.max_ts.div_euclid(width);
-            if bucket != device.bucket {
-                device.bucket = bucket;
-                self.buckets
-                    .entry(bucket)
-                    .or_default()
-                    .push(event.device_id.clone());
-            }
-        }
-        if device.buffer.is_empty() {
-            self.out.waiting.insert(event.device_id.clone());
-        }
-        device.buffer.insert(event.ts, (event, offset));
-        self.out.offsets.add(offset);
-        self.out.buffered += 1;
+        // A consistent checkpoint's mark already counts every waiting event, so the mark only
+        // changes for one that does not.
+        admit(
+            device,
+            event,
+            offset,
+            width,
+            &mut self.max_ts,
+            &mut self.buckets,
+            &mut self.out,
+        );
         true
     }
 
@@ -357,28 +343,16 @@ impl Cleaner {
         {
             return Outcome::Late;
         }
-        device.mark.max_ts = device.mark.max_ts.max(event.ts);
-        self.max_ts = self.max_ts.max(event.ts);
-        let bucket = device.mark.max_ts.div_euclid(width);
-        if bucket != device.bucket {
-            device.bucket = bucket;
-            self.buckets
-                .entry(bucket)
-                .or_default()
-                .push(event.device_id.clone());
-        }
-        device.dirty = true;
-        if !device.listed {
-            device.listed = true;
-            self.out.changed.push(event.device_id.clone());
-        }
-        if device.buffer.is_empty() {
-            self.out.waiting.insert(event.device_id.clone());
-        }
         let id = event.device_id.clone();
-        device.buffer.insert(event.ts, (event, offset));
-        self.out.offsets.add(offset);
-        self.out.buffered += 1;
+        admit(
+            device,
+            event,
+            offset,
+            width,
+            &mut self.max_ts,
+            &mut self.buckets,
+            &mut self.out,
+        );
         let watermark = device.watermark(lateness);
         self.out.release_through(&id, device, watermark, horizon);
         Outcome::Buffered
@@ -561,6 +535,40 @@ impl Cleaner {
     pub fn max_watermark(&self) -> Option<i64> {
         (self.max_ts != i64::MIN).then(|| self.max_ts.saturating_sub(self.config.allowed_lateness_ms))
     }
+}
+
+/// Takes an event into its device's buffer. When it is the device's newest, the device's and the
+/// partition's newest event times rise to it, and the device is refiled for eviction (`width`:
+/// the bucket width) and listed as changed.
+fn admit(
+    device: &mut Device,
+    event: Event,
+    offset: i64,
+    width: i64,
+    partition_max: &mut i64,
+    buckets: &mut BTreeMap<i64, Vec<String>>,
+    out: &mut Outputs,
+) {
+    if event.ts > device.mark.max_ts {
+        device.mark.max_ts = event.ts;
+        *partition_max = (*partition_max).max(event.ts);
+        let bucket = event.ts.div_euclid(width);
+        if bucket != device.bucket {
+            device.bucket = bucket;
+            buckets.entry(bucket).or_default().push(event.device_id.clone());
+        }
+        device.dirty = true;
+        if !device.listed {
+            device.listed = true;
+            out.changed.push(event.device_id.clone());
+        }
+    }
+    if device.buffer.is_empty() {
+        out.waiting.insert(event.device_id.clone());
+    }
+    device.buffer.insert(event.ts, (event, offset));
+    out.offsets.add(offset);
+    out.buffered += 1;
 }
 
 /// The cleaner's outputs and counters, apart from its device map.
