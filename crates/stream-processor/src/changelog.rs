@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::io::Write as _;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use telemetry_core::{DeviceMark, SeenKey};
@@ -304,7 +306,31 @@ pub struct StateDelta {
     pub forgotten_through: Option<i64>,
 }
 
+/// Estimated JSON bytes of one item of each list of a [`StateDelta`].
+fn device_bytes(device: &str) -> usize {
+    device.len() + 4
+}
+fn mark_bytes(m: &(String, i64, i64)) -> usize {
+    m.0.len() + 48
+}
+fn key_bytes(k: &(String, i64, u64, u64)) -> usize {
+    k.0.len() + 64
+}
+fn prune_bytes(p: &(String, i64)) -> usize {
+    p.0.len() + 28
+}
+const RANGE_BYTES: usize = 44;
+
 impl StateDelta {
+    /// Roughly the bytes of this delta as JSON (an upper estimate).
+    pub fn estimated_bytes(&self) -> usize {
+        self.evicted.iter().map(|d| device_bytes(d)).sum::<usize>()
+            + self.marks.iter().map(mark_bytes).sum::<usize>()
+            + self.keys.iter().map(key_bytes).sum::<usize>()
+            + self.pruned.iter().map(prune_bytes).sum::<usize>()
+            + (self.waiting_removed.len() + self.waiting_added.len()) * RANGE_BYTES
+    }
+
     /// The same changes as records of at most about [`CHUNK_BYTES`] each, in an order that
     /// applies the same: evictions, marks, keys, prunes, waiting offsets removed, then added.
     pub fn into_chunks(self) -> Vec<StateDelta> {
@@ -322,27 +348,27 @@ impl StateDelta {
             *bytes += more;
         };
         for d in self.evicted {
-            room(&mut cur, &mut bytes, d.len() + 4, &mut out);
+            room(&mut cur, &mut bytes, device_bytes(&d), &mut out);
             cur.evicted.push(d);
         }
         for m in self.marks {
-            room(&mut cur, &mut bytes, m.0.len() + 48, &mut out);
+            room(&mut cur, &mut bytes, mark_bytes(&m), &mut out);
             cur.marks.push(m);
         }
         for k in self.keys {
-            room(&mut cur, &mut bytes, k.0.len() + 64, &mut out);
+            room(&mut cur, &mut bytes, key_bytes(&k), &mut out);
             cur.keys.push(k);
         }
         for p in self.pruned {
-            room(&mut cur, &mut bytes, p.0.len() + 28, &mut out);
+            room(&mut cur, &mut bytes, prune_bytes(&p), &mut out);
             cur.pruned.push(p);
         }
         for r in self.waiting_removed {
-            room(&mut cur, &mut bytes, 44, &mut out);
+            room(&mut cur, &mut bytes, RANGE_BYTES, &mut out);
             cur.waiting_removed.push(r);
         }
         for r in self.waiting_added {
-            room(&mut cur, &mut bytes, 44, &mut out);
+            room(&mut cur, &mut bytes, RANGE_BYTES, &mut out);
             cur.waiting_added.push(r);
         }
         if cur != StateDelta::default() {
@@ -427,12 +453,19 @@ impl Record {
         match self {
             Record::Reset => br#"{"t":"reset"}"#.to_vec(),
             Record::Batch { seq, events, body } => {
-                let mut out = format!(r#"{{"t":"batch","seq":{seq},"events":{events},"body":"#).into_bytes();
+                let mut out = Vec::with_capacity(body.len() + 64);
+                write!(out, r#"{{"t":"batch","seq":{seq},"events":{events},"body":"#)
+                    .expect("writes to a Vec");
                 out.extend_from_slice(body);
                 out.push(b'}');
                 out
             }
-            Record::State(d) => serde_json::to_vec(&WireRef::State(d)).expect("state serializes"),
+            Record::State(d) => {
+                // Sized up front: a large delta would otherwise be copied each time it doubles.
+                let mut out = Vec::with_capacity(d.estimated_bytes() + 64);
+                serde_json::to_writer(&mut out, &WireRef::State(d)).expect("state serializes");
+                out
+            }
             Record::Commit(c) => serde_json::to_vec(&WireRef::Commit(c)).expect("commit serializes"),
         }
     }
