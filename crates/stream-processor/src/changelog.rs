@@ -447,9 +447,35 @@ pub struct DecodeError {
     pub source: serde_json::Error,
 }
 
+/// First byte of a compressed record: [`LZ4_TAG`], the JSON's length (u32, little endian), then
+/// the JSON as one LZ4 block. A JSON record starts with `{`, so both read back. Compressed once
+/// here, the same bytes go to the changelog (its producer compresses nothing again) and to the
+/// local cache, which then writes a fifth of the bytes.
+const LZ4_TAG: u8 = 0x01;
+/// Records at least this long are compressed (commits and small deltas stay plain JSON).
+const COMPRESS_FROM: usize = 512;
+/// Largest record a compressed one may claim to expand to (records are chunked well below it):
+/// a damaged length must not ask for gigabytes.
+const MAX_RECORD_BYTES: usize = 64 << 20;
+
 impl Record {
-    /// The record's bytes on the changelog (JSON; a batch carries its body as is).
+    /// The record's bytes on the changelog and in the cache: its JSON, compressed when long.
     pub fn encode(&self) -> Vec<u8> {
+        let json = self.to_json();
+        if json.len() < COMPRESS_FROM {
+            return json;
+        }
+        let mut out = vec![0u8; 5 + lz4_flex::block::get_maximum_output_size(json.len())];
+        out[0] = LZ4_TAG;
+        out[1..5].copy_from_slice(&(json.len() as u32).to_le_bytes());
+        let n = lz4_flex::block::compress_into(&json, &mut out[5..])
+            .expect("the output has the block's maximum size");
+        out.truncate(5 + n);
+        out
+    }
+
+    /// The record as JSON (a batch carries its body as is).
+    pub fn to_json(&self) -> Vec<u8> {
         match self {
             Record::Reset => br#"{"t":"reset"}"#.to_vec(),
             Record::Batch { seq, events, body } => {
@@ -470,7 +496,34 @@ impl Record {
         }
     }
 
+    /// Reads a record written by [`Record::encode`], compressed or not.
     pub fn decode(bytes: &[u8], offset: i64) -> Result<Record, DecodeError> {
+        use serde::de::Error as _;
+        if bytes.first() != Some(&LZ4_TAG) {
+            return Record::from_json(bytes, offset);
+        }
+        let err = |detail: String| DecodeError {
+            offset,
+            source: serde_json::Error::custom(detail),
+        };
+        let len = bytes
+            .get(1..5)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("four bytes")) as usize)
+            .ok_or_else(|| err("compressed record shorter than its header".into()))?;
+        if len > MAX_RECORD_BYTES {
+            return Err(err(format!("compressed record claims {len} bytes")));
+        }
+        let json = lz4_flex::block::decompress(&bytes[5..], len).map_err(|e| err(format!("lz4: {e}")))?;
+        if json.len() != len {
+            return Err(err(format!(
+                "compressed record expands to {} bytes, not {len}",
+                json.len()
+            )));
+        }
+        Record::from_json(&json, offset)
+    }
+
+    fn from_json(bytes: &[u8], offset: i64) -> Result<Record, DecodeError> {
         use serde::de::Error as _;
         let err = |source| DecodeError { offset, source };
         let w: Wire<'_> = serde_json::from_slice(bytes).map_err(err)?;
@@ -562,6 +615,55 @@ mod tests {
             Record::decode(b"{\"t\":\"nope\"}", 9).is_err(),
             "unknown record type"
         );
+    }
+
+    #[test]
+    fn long_records_are_compressed_short_ones_stay_json_and_plain_json_still_reads() {
+        let body: Vec<String> = (0..200)
+            .map(|i| {
+                format!(
+                    r#"{{"deviceId":"device-{}","ts":{i},"latitude":1.5,"longitude":2.5}}"#,
+                    i % 7
+                )
+            })
+            .collect();
+        let long = vec![
+            Record::Batch {
+                seq: 9,
+                events: 200,
+                body: Bytes::from(format!("[{}]", body.join(","))),
+            },
+            Record::State(StateDelta {
+                keys: (0..300).map(|i| (format!("device-{}", i % 7), i, 1, 2)).collect(),
+                ..StateDelta::default()
+            }),
+        ];
+        for r in &long {
+            let (json, encoded) = (r.to_json(), r.encode());
+            assert_eq!(encoded[0], LZ4_TAG);
+            assert!(
+                encoded.len() * 3 < json.len(),
+                "{} of {} bytes",
+                encoded.len(),
+                json.len()
+            );
+            assert_eq!(&Record::decode(&encoded, 0).expect("decodes"), r);
+            // As an older version wrote it.
+            assert_eq!(&Record::decode(&json, 0).expect("decodes"), r);
+        }
+        let short = commit("w-1", 7, 4, Some(2));
+        assert_eq!(short.encode(), short.to_json());
+
+        // Damaged: an error naming the offset, never a panic or a huge allocation.
+        let good = long[0].encode();
+        let mut wrong_len = good.clone();
+        wrong_len[1..5].copy_from_slice(&7u32.to_le_bytes());
+        let mut huge = good.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        for bad in [&good[..3], &good[..good.len() / 2], &wrong_len[..], &huge[..]] {
+            let e = Record::decode(bad, 42).expect_err("damaged record refused");
+            assert_eq!(e.offset, 42);
+        }
     }
 
     #[test]
@@ -659,7 +761,7 @@ mod tests {
         assert!(records.len() >= 4, "reset and several chunks: {}", records.len());
         for r in &records {
             assert!(
-                r.encode().len() < 1_000_000,
+                r.to_json().len() < 1_000_000,
                 "each record fits a broker's default message limit"
             );
         }

@@ -121,6 +121,9 @@ impl Pipeline {
         // Each partition's writer adds its `transactional.id` (`txn::transactional_id`).
         let mut producer_config = service_common::kafka::idempotent_producer(&settings.kafka.brokers);
         producer_config
+            // Long changelog records come compressed already (`Record::encode`); dead letters
+            // are few.
+            .set("compression.type", "none")
             .set("linger.ms", "1")
             .set("message.max.bytes", "16777216")
             .set("transaction.timeout.ms", "60000");
