@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use stream_processor::changelog::Record;
 use test_support::{brokers, consume, consume_until_quiet, produce};
 
 use crate::harness::*;
@@ -214,26 +215,19 @@ async fn a_zombie_writes_nothing_after_another_processor_took_its_partitions() {
     let mut commits = 0;
     for m in &records {
         use rdkafka::message::Message;
-        let v: serde_json::Value =
-            serde_json::from_slice(m.payload().unwrap_or_default()).expect("changelog JSON");
-        if v["t"] != "commit" {
+        let record = Record::decode(m.payload().unwrap_or_default(), m.offset()).expect("changelog record");
+        let Record::Commit(commit) = record else {
             continue;
-        }
+        };
         commits += 1;
-        let writer = v["id"]
-            .as_str()
-            .expect("commit id")
-            .split('.')
-            .next()
-            .expect("prefix")
-            .to_owned();
+        let writer = commit.id.split('.').next().expect("prefix").to_owned();
         let b_started = seen_b.entry(m.partition()).or_insert(false);
         if writer == writer_b {
             *b_started = true;
         } else if writer == writer_a {
             assert!(
                 !*b_started,
-                "partition {}: the zombie committed after the new owner: {v}",
+                "partition {}: the zombie committed after the new owner: {commit:?}",
                 m.partition()
             );
         }
