@@ -449,8 +449,8 @@ pub struct DecodeError {
 
 /// First byte of a compressed record: [`LZ4_TAG`], the JSON's length (u32, little endian), then
 /// the JSON as one LZ4 block. A JSON record starts with `{`, so both read back. Compressed once
-/// here, the same bytes go to the changelog (its producer compresses nothing again) and to the
-/// local cache, which then writes a fifth of the bytes.
+/// here, the same bytes go to the changelog and to the local cache, which then writes a fifth of
+/// the bytes.
 const LZ4_TAG: u8 = 0x01;
 /// Records at least this long are compressed (commits and small deltas stay plain JSON).
 const COMPRESS_FROM: usize = 512;
@@ -462,7 +462,9 @@ impl Record {
     /// The record's bytes on the changelog and in the cache: its JSON, compressed when long.
     pub fn encode(&self) -> Vec<u8> {
         let json = self.to_json();
-        if json.len() < COMPRESS_FROM {
+        // Beyond what a reader accepts compressed, it stays JSON, which the producer refuses
+        // above its message limit before anything commits (as before records were compressed).
+        if json.len() < COMPRESS_FROM || json.len() > MAX_RECORD_BYTES {
             return json;
         }
         let mut out = vec![0u8; 5 + lz4_flex::block::get_maximum_output_size(json.len())];
@@ -653,6 +655,13 @@ mod tests {
         }
         let short = commit("w-1", 7, 4, Some(2));
         assert_eq!(short.encode(), short.to_json());
+        // Too long to be read back compressed: left as JSON (the producer refuses it whole).
+        let huge = Record::Batch {
+            seq: 1,
+            events: 1,
+            body: Bytes::from(format!("[\"{}\"]", "x".repeat(MAX_RECORD_BYTES))),
+        };
+        assert_eq!(huge.encode()[0], b'{');
 
         // Damaged: an error naming the offset, never a panic or a huge allocation.
         let good = long[0].encode();

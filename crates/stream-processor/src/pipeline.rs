@@ -120,10 +120,10 @@ impl Pipeline {
             .context("creating the admin client")?;
         // Each partition's writer adds its `transactional.id` (`txn::transactional_id`).
         let mut producer_config = service_common::kafka::idempotent_producer(&settings.kafka.brokers);
+        // The producer keeps lz4 (from `idempotent_producer`): long changelog records come
+        // compressed already and barely grow, but a dead letter is the input's payload as read,
+        // which fit the broker's limit compressed and may not uncompressed.
         producer_config
-            // Long changelog records come compressed already (`Record::encode`); dead letters
-            // are few.
-            .set("compression.type", "none")
             .set("linger.ms", "1")
             .set("message.max.bytes", "16777216")
             .set("transaction.timeout.ms", "60000");
