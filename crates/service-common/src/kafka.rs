@@ -21,6 +21,16 @@ pub fn idempotent_producer(brokers: &str) -> ClientConfig {
     c
 }
 
+/// Destroys a librdkafka client on a thread of its own. Destroying one waits for its threads to
+/// end (an admin client's poller wakes every 100 ms), which start-up and restores need not wait
+/// for.
+pub fn drop_in_background<T: Send + 'static>(client: T) {
+    // If no thread can be started, the closure and the client are dropped right here.
+    let _ = std::thread::Builder::new()
+        .name("kafka-client-drop".into())
+        .spawn(move || drop(client));
+}
+
 /// A transactional producer: [`idempotent_producer`] with a `transactional.id`, whose
 /// `init_transactions` fences every earlier producer with the same id.
 pub fn transactional_producer(brokers: &str, transactional_id: &str) -> ClientConfig {
@@ -75,7 +85,9 @@ pub async fn ensure_topic_with_config(
     let opts = AdminOptions::new()
         .request_timeout(Some(Duration::from_secs(5)))
         .operation_timeout(Some(Duration::from_secs(5)));
-    for result in admin.create_topics([&new_topic], &opts).await? {
+    let results = admin.create_topics([&new_topic], &opts).await;
+    drop_in_background(admin);
+    for result in results? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => return Err(KafkaError::AdminOp(code)),

@@ -74,18 +74,41 @@ pub fn restore(
     timeout: Duration,
 ) -> Result<Restored, RestoreError> {
     let start = Instant::now();
-    let kafka = |source| RestoreError::Kafka { partition, source };
     let consumer: BaseConsumer<Quiet> =
         service_common::kafka::manual_consumer(brokers, &format!("{changelog}-restore"))
             .set("enable.partition.eof", "true")
             .set("fetch.max.bytes", "52428800")
             .create_with_context(Quiet)
-            .map_err(kafka)?;
+            .map_err(|source| RestoreError::Kafka { partition, source })?;
+    let restored = restore_with(
+        &consumer,
+        changelog,
+        input_topic,
+        partition,
+        cached,
+        start,
+        timeout,
+    );
+    // Destroying the consumer takes about 100 ms; the partition need not wait for it.
+    service_common::kafka::drop_in_background(consumer);
+    restored
+}
+
+fn restore_with(
+    consumer: &BaseConsumer<Quiet>,
+    changelog: &str,
+    input_topic: &str,
+    partition: i32,
+    cached: Option<(PartitionState, Position)>,
+    start: Instant,
+    timeout: Duration,
+) -> Result<Restored, RestoreError> {
+    let kafka = |source| RestoreError::Kafka { partition, source };
     let (low, high) = consumer
         .fetch_watermarks(changelog, partition, Duration::from_secs(10))
         .map_err(kafka)?;
     let mut reader = Reader {
-        consumer: &consumer,
+        consumer,
         changelog,
         input_topic,
         partition,

@@ -88,6 +88,16 @@ impl TxnWriter {
         done: mpsc::UnboundedSender<(i32, u64, TxnOutcome)>,
     ) -> Result<TxnWriter, KafkaError> {
         let producer: FutureProducer = config.create()?;
+        // A producer created a moment ago may ask for its transaction coordinator while it is
+        // between the bootstrap connection (dropped once the cluster names its brokers) and
+        // the named broker's, and then waits for librdkafka's 500 ms retry timer: one
+        // partition in six did at each start-up measured. Two metadata requests first wait
+        // for a usable connection each; with them no partition waited.
+        for _ in 0..2 {
+            producer
+                .client()
+                .fetch_metadata(Some(&topics.changelog), CALL_TIMEOUT)?;
+        }
         producer.init_transactions(CALL_TIMEOUT)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let mut thread = Writer {
