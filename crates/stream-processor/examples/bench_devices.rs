@@ -53,10 +53,12 @@ impl Driver {
                     Some(Record::Commit(c)) => c.id.clone(),
                     _ => unreachable!("a checkpoint ends with its commit"),
                 };
+                let encoded = plan.encode();
+                let bytes = encoded.iter().map(Vec::len).sum();
                 self.store.apply(
                     0,
                     Committed {
-                        encoded: plan.encoded.clone(),
+                        encoded,
                         snapshot: plan.snapshot,
                         commit_offset: self.commit_offset,
                         commit_id: id.clone(),
@@ -65,7 +67,7 @@ impl Driver {
                 );
                 self.prev = Some((self.commit_offset, id));
                 self.checkpoints += 1;
-                next = self.p.on_committed(plan.number, now);
+                next = self.p.on_committed(plan.number, bytes, now);
             }
             if let Some(batch) = actions.send.take() {
                 let more = self.p.on_acknowledged(batch.seq, now);

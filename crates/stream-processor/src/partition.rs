@@ -65,12 +65,11 @@ pub struct DeadLetter {
     pub source_offset: i64,
 }
 
-/// A checkpoint to commit: changelog records (encoded), dead letters, and the consumer offset.
+/// A checkpoint to commit: changelog records, dead letters, and the consumer offset.
 #[derive(Debug, Clone)]
 pub struct CheckpointPlan {
     pub number: u64,
     pub records: Vec<Record>,
-    pub encoded: Vec<Vec<u8>>,
     pub dead_letters: Vec<DeadLetter>,
     /// The consumer offset committed with it (the resume offset).
     pub resume_offset: i64,
@@ -80,6 +79,15 @@ pub struct CheckpointPlan {
     pub batch_sizes: Vec<usize>,
     /// When it splits the outbox: how many batches were replaced by how many.
     pub split: Option<(usize, usize)>,
+}
+
+impl CheckpointPlan {
+    /// The records as the changelog and the cache hold them (long ones compressed). The
+    /// partition's writer thread encodes them, off the thread that runs every partition, and
+    /// reports their length back with the commit ([`Partition::on_committed`]).
+    pub fn encode(&self) -> Vec<Vec<u8>> {
+        self.records.iter().map(Record::encode).collect()
+    }
 }
 
 /// What the drivers must do next for this partition.
@@ -105,7 +113,6 @@ struct InFlight {
     batches: Vec<OutboxBatch>,
     acked: Option<i64>,
     snapshot: bool,
-    bytes: usize,
 }
 
 /// After a restore, the events below the committed decided offset are read again; they were
@@ -333,8 +340,9 @@ impl Partition {
         self.next_actions(now, false)
     }
 
-    /// The checkpoint `number` is committed: its batches may go to the sink.
-    pub fn on_committed(&mut self, number: u64, now: u64) -> Actions {
+    /// The checkpoint `number` is committed, its records `bytes` long encoded: its batches may
+    /// go to the sink.
+    pub fn on_committed(&mut self, number: u64, bytes: usize, now: u64) -> Actions {
         let Some(done) = self.in_flight.take_if(|f| f.number == number) else {
             return Actions::default();
         };
@@ -343,10 +351,10 @@ impl Partition {
             self.acked_recorded = done.acked;
         }
         if done.snapshot {
-            self.snapshot_bytes = done.bytes;
+            self.snapshot_bytes = bytes;
             self.bytes_since_snapshot = 0;
         } else {
-            self.bytes_since_snapshot = self.bytes_since_snapshot.saturating_add(done.bytes);
+            self.bytes_since_snapshot = self.bytes_since_snapshot.saturating_add(bytes);
         }
         self.next_actions(now, false)
     }
@@ -617,8 +625,6 @@ impl Partition {
             // A snapshot holds only unacknowledged batches already.
             acked_through: if snapshot { None } else { acked },
         }));
-        let encoded: Vec<Vec<u8>> = records.iter().map(Record::encode).collect();
-        let bytes = encoded.iter().map(Vec::len).sum();
         // Dead letters of events read so far are written with this checkpoint.
         self.decided_offset = decided_offset;
         self.dirty = false;
@@ -628,12 +634,10 @@ impl Partition {
             batches,
             acked,
             snapshot,
-            bytes,
         });
         CheckpointPlan {
             number,
             records,
-            encoded,
             dead_letters: std::mem::take(&mut self.dead_letters),
             resume_offset,
             snapshot,
@@ -654,6 +658,11 @@ fn batch_body(events: &[Event]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the writer reports with a commit: the encoded length of the plan's records.
+    fn encoded_len(plan: &CheckpointPlan) -> usize {
+        plan.encode().iter().map(Vec::len).sum()
+    }
 
     fn cfg() -> PartitionConfig {
         PartitionConfig {
@@ -743,11 +752,11 @@ mod tests {
         }
         let plan = plan.expect("a full batch made a checkpoint");
         assert_eq!(plan.batch_sizes, vec![3]);
-        let a = p.on_committed(plan.number, 1);
+        let a = p.on_committed(plan.number, encoded_len(&plan), 1);
         let sent = a.send.expect("the committed batch goes out");
         assert_eq!(sent.id, "t-2-0");
         let next = a.checkpoint.expect("more released events wait");
-        let a = p.on_committed(next.number, 2);
+        let a = p.on_committed(next.number, encoded_len(&next), 2);
         assert!(a.send.is_none(), "the first batch is still in flight");
         let a = p.on_acknowledged(0, 3);
         assert_eq!(a.send.map(|b| b.seq), Some(1));
@@ -792,7 +801,7 @@ mod tests {
             };
             apply(state, &plan);
             letters.extend(plan.dead_letters.iter().cloned());
-            actions = p.on_committed(plan.number, now);
+            actions = p.on_committed(plan.number, encoded_len(&plan), now);
         }
     }
 
@@ -887,13 +896,13 @@ mod tests {
             if let Some(plan) = p.on_event(None, &ev(1000 + i * 50), i, 0).checkpoint {
                 snapshots += usize::from(plan.snapshot);
                 apply(&mut state, &plan);
-                p.on_committed(plan.number, 0);
+                p.on_committed(plan.number, encoded_len(&plan), 0);
             }
         }
         assert!(snapshots >= 2, "snapshots were taken: {snapshots}");
         let plan = p.flush(0).checkpoint.expect("forced");
         apply(&mut state, &plan);
-        p.on_committed(plan.number, 0);
+        p.on_committed(plan.number, encoded_len(&plan), 0);
         // Replaying only from the last snapshot gives the same state as every record.
         assert_eq!(state.next_seq, p.next_seq);
         assert_eq!(state.key_count(), p.dedup_len());
@@ -911,13 +920,13 @@ mod tests {
         p.stop(false);
         assert!(p.on_event(None, &ev(2000), 5, 0).checkpoint.is_none());
         assert_eq!(p.next_offset(), 5);
-        let a = p.on_committed(plan.number, 0);
+        let a = p.on_committed(plan.number, encoded_len(&plan), 0);
         assert!(a.send.is_none(), "a revoked partition starts no send");
         let last = a
             .checkpoint
             .or(p.flush(0).checkpoint)
             .expect("the rest is checkpointed");
-        assert!(p.on_committed(last.number, 0).send.is_none());
+        assert!(p.on_committed(last.number, encoded_len(&last), 0).send.is_none());
         assert!(
             p.is_settled(),
             "revoked: settled once recorded, outbox left for the next owner"
@@ -971,7 +980,7 @@ mod tests {
             "still waiting for the split's commit"
         );
 
-        let a = p.on_committed(plan.number, 2_003);
+        let a = p.on_committed(plan.number, encoded_len(&plan), 2_003);
         let first = a.send.expect("the first part goes out once the split committed");
         assert_eq!((first.seq, first.id.as_str(), first.events), (3, "t-2-3", 2));
         // A new owner restored from the changelog has the split outbox, not the old batches.
@@ -1198,7 +1207,7 @@ mod tests {
         let a = q.on_event(None, &ev(2200), 6, 2);
         let plan = a.checkpoint.expect("the split, once the buffers are whole");
         assert_eq!(plan.split, Some((2, 4)), "3 + 3 events re-cut to 2 + 1, 2 + 1");
-        let a = q.on_committed(plan.number, 3);
+        let a = q.on_committed(plan.number, encoded_len(&plan), 3);
         assert_eq!(a.send.map(|b| b.events), Some(2), "the first part goes out");
         assert!(
             q.outbox_full(2),

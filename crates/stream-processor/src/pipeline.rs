@@ -302,12 +302,13 @@ impl Pipeline {
                 number,
                 seconds,
                 snapshot,
+                bytes,
             } => {
                 metrics::checkpoint(seconds, snapshot);
                 failpoint::hit(Step::AfterCheckpointBeforePost);
                 let now = self.now_ms();
                 if let Some(o) = self.owned.get_mut(&p) {
-                    let actions = o.core.on_committed(number, now);
+                    let actions = o.core.on_committed(number, bytes, now);
                     self.act(p, actions)?;
                 }
                 Ok(())

@@ -131,7 +131,8 @@ impl Owner<'_> {
         }
         self.letters.extend(plan.dead_letters.iter().cloned());
         self.committed.push(plan.number);
-        self.p.on_committed(plan.number, 0)
+        self.p
+            .on_committed(plan.number, plan.encode().iter().map(Vec::len).sum(), 0)
     }
 
     fn maybe_commit_pending(&mut self) {
@@ -376,7 +377,7 @@ mod invariants {
         fn handle(&mut self, a: Actions) -> Result<(), TestCaseError> {
             if let Some(plan) = a.checkpoint {
                 prop_assert!(self.pending.is_none(), "one checkpoint in flight at a time");
-                for r in &plan.encoded {
+                for r in &plan.encode() {
                     prop_assert!(r.len() < 1_000_000, "a record of {} bytes", r.len());
                 }
                 self.pending = Some(plan);
@@ -392,7 +393,8 @@ mod invariants {
             let Some(plan) = self.pending.take() else {
                 return Ok(());
             };
-            for r in &plan.encoded {
+            let encoded = plan.encode();
+            for r in &encoded {
                 self.state.apply("t", 0, &Record::decode(r, 0).expect("decodes"));
             }
             self.letters.extend(plan.dead_letters.iter().cloned());
@@ -404,7 +406,7 @@ mod invariants {
                     self.state.decided_offset
                 );
             }
-            let a = p.on_committed(plan.number, now);
+            let a = p.on_committed(plan.number, encoded.iter().map(Vec::len).sum(), now);
             self.handle(a)
         }
 

@@ -38,6 +38,8 @@ pub enum TxnOutcome {
         number: u64,
         seconds: f64,
         snapshot: bool,
+        /// The encoded length of its records.
+        bytes: usize,
     },
     /// Another owner took the partition: nothing of this process may be written for it again.
     Fenced(String),
@@ -167,12 +169,15 @@ fn classify(e: KafkaError) -> Failure {
 }
 
 impl Writer {
-    /// Commits `plan` (retrying); once committed, its encoded records move to the cache.
+    /// Encodes and commits `plan` (retrying); once committed, its encoded records move to the
+    /// cache.
     fn checkpoint(&mut self, plan: &mut CheckpointPlan) -> TxnOutcome {
         let start = Instant::now();
+        let mut encoded = plan.encode();
+        let bytes = encoded.iter().map(Vec::len).sum();
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {
-            match self.transaction(plan) {
+            match self.transaction(plan, &encoded) {
                 Ok((reset_offset, commit_offset)) => {
                     failpoint::hit(Step::AfterChangelogCommitBeforeCache);
                     for letter in &plan.dead_letters {
@@ -186,7 +191,7 @@ impl Writer {
                     self.cache.apply(
                         self.partition,
                         Committed {
-                            encoded: std::mem::take(&mut plan.encoded),
+                            encoded: std::mem::take(&mut encoded),
                             snapshot: plan.snapshot,
                             commit_offset,
                             commit_id,
@@ -200,6 +205,7 @@ impl Writer {
                         number: plan.number,
                         seconds: start.elapsed().as_secs_f64(),
                         snapshot: plan.snapshot,
+                        bytes,
                     };
                 }
                 Err(Failure::Fatal(e)) => return TxnOutcome::Fenced(e),
@@ -223,10 +229,10 @@ impl Writer {
     }
 
     /// One transaction; returns the offsets of its `Reset` (for a snapshot) and its `Commit`.
-    fn transaction(&self, plan: &CheckpointPlan) -> Result<(Option<i64>, i64), Failure> {
+    fn transaction(&self, plan: &CheckpointPlan, encoded: &[Vec<u8>]) -> Result<(Option<i64>, i64), Failure> {
         self.producer.begin_transaction().map_err(classify)?;
-        let mut deliveries = Vec::with_capacity(plan.encoded.len());
-        for bytes in &plan.encoded {
+        let mut deliveries = Vec::with_capacity(encoded.len());
+        for bytes in encoded {
             let record = FutureRecord::<(), [u8]>::to(&self.topics.changelog)
                 .partition(self.partition)
                 .payload(bytes.as_slice());
