@@ -176,7 +176,7 @@ impl Pipeline {
 
     /// Runs until `shutdown` resolves, then drains (checkpoint, deliver, hand over). Returns an
     /// error when the processor must stop at once: fenced by another owner, a checkpoint the
-    /// broker keeps refusing, a fatal consumer error. A restart resumes from the last checkpoint.
+    /// broker keeps refusing (or whose writer panicked), a fatal consumer error. A restart resumes from the last checkpoint.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let watcher = tokio::spawn(watch_high_watermarks(
             Arc::clone(self.consumer.as_ref().expect("consumer")),
@@ -317,9 +317,7 @@ impl Pipeline {
                 "partition {p} was taken over by another processor (its producer is fenced: {e}); \
                  stopping so that nothing more is written for it"
             )),
-            TxnOutcome::Failed(e) => Err(anyhow!(
-                "partition {p}: the broker keeps refusing its checkpoint: {e}"
-            )),
+            TxnOutcome::Failed(e) => Err(anyhow!("partition {p}: its checkpoint failed: {e}")),
         }
     }
 

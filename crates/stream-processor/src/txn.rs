@@ -43,7 +43,7 @@ pub enum TxnOutcome {
     },
     /// Another owner took the partition: nothing of this process may be written for it again.
     Fenced(String),
-    /// The broker kept refusing the transaction.
+    /// The broker kept refusing the transaction, or the writer panicked.
     Failed(String),
 }
 
@@ -68,6 +68,16 @@ impl std::fmt::Debug for Job {
 /// The transactional id of an input partition's writer: the same on every owner.
 pub fn transactional_id(group: &str, topic: &str, partition: i32) -> String {
     format!("{group}-{topic}-{partition}")
+}
+
+/// What a caught panic said, for the error that stops the pipeline.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let said = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    format!("the checkpoint writer panicked: {said}")
 }
 
 /// Attempts at one transaction before the writer gives up (each after an abort).
@@ -122,7 +132,13 @@ impl TxnWriter {
                         }
                         Job::Checkpoint(plan) => plan,
                     };
-                    let outcome = thread.checkpoint(&mut plan);
+                    // A panic here would otherwise end the thread unheard and leave the
+                    // partition waiting for this checkpoint forever: it fails the pipeline
+                    // instead, which restarts from the last committed checkpoint.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        thread.checkpoint(&mut plan)
+                    }))
+                    .unwrap_or_else(|panic| TxnOutcome::Failed(panic_message(panic.as_ref())));
                     let stop = !matches!(outcome, TxnOutcome::Committed { .. });
                     if done.send((partition, generation, outcome)).is_err() || stop {
                         return;
@@ -360,5 +376,24 @@ impl Writer {
                 tracing::warn!(partition = self.partition, error = %e, "changelog truncation failed; retried after the next snapshot")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caught_panic_names_what_it_said() {
+        let caught = std::panic::catch_unwind(|| panic!("encoding failed")).expect_err("panicked");
+        assert_eq!(
+            panic_message(caught.as_ref()),
+            "the checkpoint writer panicked: encoding failed"
+        );
+        let formatted = std::panic::catch_unwind(|| panic!("record {} too long", 7)).expect_err("panicked");
+        assert_eq!(
+            panic_message(formatted.as_ref()),
+            "the checkpoint writer panicked: record 7 too long"
+        );
     }
 }
