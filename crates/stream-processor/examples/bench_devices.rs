@@ -54,7 +54,7 @@ impl Driver {
                     _ => unreachable!("a checkpoint ends with its commit"),
                 };
                 let encoded = plan.encode();
-                let bytes = encoded.iter().map(Vec::len).sum();
+                let bytes = stream_processor::partition::encoded_len(&encoded);
                 self.store.apply(
                     0,
                     Committed {

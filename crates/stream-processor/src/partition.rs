@@ -90,6 +90,11 @@ impl CheckpointPlan {
     }
 }
 
+/// The length of a checkpoint's encoded records: what its writer reports with the commit.
+pub fn encoded_len(encoded: &[Vec<u8>]) -> usize {
+    encoded.iter().map(Vec::len).sum()
+}
+
 /// What the drivers must do next for this partition.
 #[derive(Debug, Default)]
 pub struct Actions {
@@ -659,11 +664,6 @@ fn batch_body(events: &[Event]) -> Bytes {
 mod tests {
     use super::*;
 
-    /// What the writer reports with a commit: the encoded length of the plan's records.
-    fn encoded_len(plan: &CheckpointPlan) -> usize {
-        plan.encode().iter().map(Vec::len).sum()
-    }
-
     fn cfg() -> PartitionConfig {
         PartitionConfig {
             topic: "t".into(),
@@ -752,11 +752,11 @@ mod tests {
         }
         let plan = plan.expect("a full batch made a checkpoint");
         assert_eq!(plan.batch_sizes, vec![3]);
-        let a = p.on_committed(plan.number, encoded_len(&plan), 1);
+        let a = p.on_committed(plan.number, encoded_len(&plan.encode()), 1);
         let sent = a.send.expect("the committed batch goes out");
         assert_eq!(sent.id, "t-2-0");
         let next = a.checkpoint.expect("more released events wait");
-        let a = p.on_committed(next.number, encoded_len(&next), 2);
+        let a = p.on_committed(next.number, encoded_len(&next.encode()), 2);
         assert!(a.send.is_none(), "the first batch is still in flight");
         let a = p.on_acknowledged(0, 3);
         assert_eq!(a.send.map(|b| b.seq), Some(1));
@@ -801,7 +801,7 @@ mod tests {
             };
             apply(state, &plan);
             letters.extend(plan.dead_letters.iter().cloned());
-            actions = p.on_committed(plan.number, encoded_len(&plan), now);
+            actions = p.on_committed(plan.number, encoded_len(&plan.encode()), now);
         }
     }
 
@@ -896,13 +896,13 @@ mod tests {
             if let Some(plan) = p.on_event(None, &ev(1000 + i * 50), i, 0).checkpoint {
                 snapshots += usize::from(plan.snapshot);
                 apply(&mut state, &plan);
-                p.on_committed(plan.number, encoded_len(&plan), 0);
+                p.on_committed(plan.number, encoded_len(&plan.encode()), 0);
             }
         }
         assert!(snapshots >= 2, "snapshots were taken: {snapshots}");
         let plan = p.flush(0).checkpoint.expect("forced");
         apply(&mut state, &plan);
-        p.on_committed(plan.number, encoded_len(&plan), 0);
+        p.on_committed(plan.number, encoded_len(&plan.encode()), 0);
         // Replaying only from the last snapshot gives the same state as every record.
         assert_eq!(state.next_seq, p.next_seq);
         assert_eq!(state.key_count(), p.dedup_len());
@@ -920,13 +920,16 @@ mod tests {
         p.stop(false);
         assert!(p.on_event(None, &ev(2000), 5, 0).checkpoint.is_none());
         assert_eq!(p.next_offset(), 5);
-        let a = p.on_committed(plan.number, encoded_len(&plan), 0);
+        let a = p.on_committed(plan.number, encoded_len(&plan.encode()), 0);
         assert!(a.send.is_none(), "a revoked partition starts no send");
         let last = a
             .checkpoint
             .or(p.flush(0).checkpoint)
             .expect("the rest is checkpointed");
-        assert!(p.on_committed(last.number, encoded_len(&last), 0).send.is_none());
+        assert!(p
+            .on_committed(last.number, encoded_len(&last.encode()), 0)
+            .send
+            .is_none());
         assert!(
             p.is_settled(),
             "revoked: settled once recorded, outbox left for the next owner"
@@ -980,7 +983,7 @@ mod tests {
             "still waiting for the split's commit"
         );
 
-        let a = p.on_committed(plan.number, encoded_len(&plan), 2_003);
+        let a = p.on_committed(plan.number, encoded_len(&plan.encode()), 2_003);
         let first = a.send.expect("the first part goes out once the split committed");
         assert_eq!((first.seq, first.id.as_str(), first.events), (3, "t-2-3", 2));
         // A new owner restored from the changelog has the split outbox, not the old batches.
@@ -1207,7 +1210,7 @@ mod tests {
         let a = q.on_event(None, &ev(2200), 6, 2);
         let plan = a.checkpoint.expect("the split, once the buffers are whole");
         assert_eq!(plan.split, Some((2, 4)), "3 + 3 events re-cut to 2 + 1, 2 + 1");
-        let a = q.on_committed(plan.number, encoded_len(&plan), 3);
+        let a = q.on_committed(plan.number, encoded_len(&plan.encode()), 3);
         assert_eq!(a.send.map(|b| b.events), Some(2), "the first part goes out");
         assert!(
             q.outbox_full(2),

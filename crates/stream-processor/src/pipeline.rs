@@ -176,7 +176,8 @@ impl Pipeline {
 
     /// Runs until `shutdown` resolves, then drains (checkpoint, deliver, hand over). Returns an
     /// error when the processor must stop at once: fenced by another owner, a checkpoint the
-    /// broker keeps refusing (or whose writer panicked), a fatal consumer error. A restart resumes from the last checkpoint.
+    /// broker keeps refusing (or whose writer panicked), a fatal consumer error. A restart
+    /// resumes from the last checkpoint.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let watcher = tokio::spawn(watch_high_watermarks(
             Arc::clone(self.consumer.as_ref().expect("consumer")),

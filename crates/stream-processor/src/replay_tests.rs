@@ -6,7 +6,9 @@ use proptest::prelude::*;
 use telemetry_core::{Cleaner, CleanupConfig, Event, Outcome};
 
 use crate::changelog::PartitionState;
-use crate::partition::{Actions, CheckpointPlan, DeadLetter, Partition, PartitionConfig, Reason};
+use crate::partition::{
+    encoded_len, Actions, CheckpointPlan, DeadLetter, Partition, PartitionConfig, Reason,
+};
 
 fn config(cleanup: CleanupConfig) -> PartitionConfig {
     PartitionConfig {
@@ -131,8 +133,7 @@ impl Owner<'_> {
         }
         self.letters.extend(plan.dead_letters.iter().cloned());
         self.committed.push(plan.number);
-        self.p
-            .on_committed(plan.number, plan.encode().iter().map(Vec::len).sum(), 0)
+        self.p.on_committed(plan.number, encoded_len(&plan.encode()), 0)
     }
 
     fn maybe_commit_pending(&mut self) {
@@ -406,7 +407,7 @@ mod invariants {
                     self.state.decided_offset
                 );
             }
-            let a = p.on_committed(plan.number, encoded.iter().map(Vec::len).sum(), now);
+            let a = p.on_committed(plan.number, encoded_len(&encoded), now);
             self.handle(a)
         }
 

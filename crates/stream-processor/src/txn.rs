@@ -191,7 +191,7 @@ impl Writer {
     fn checkpoint(&mut self, plan: &mut CheckpointPlan) -> TxnOutcome {
         let start = Instant::now();
         let mut encoded = plan.encode();
-        let bytes = encoded.iter().map(Vec::len).sum();
+        let bytes = crate::partition::encoded_len(&encoded);
         let mut last = String::new();
         for attempt in 1..=ATTEMPTS {
             match self.transaction(plan, &encoded) {
