@@ -43,6 +43,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(service_common::handlers::metrics))
         .fallback(service_common::handlers::not_found)
         .method_not_allowed_fallback(service_common::handlers::method_not_allowed)
+        // Inside the request metrics, so a request that timed out is counted as a 408.
+        .layer(state.settings.http.timeout_layer())
         .layer(service_common::TrackRequests(REQUEST_METRICS))
         .with_state(state)
 }

@@ -46,7 +46,21 @@ pub struct Settings {
     pub ready_check_interval_ms: u64,
 }
 
+/// What an ingest request may take beyond `BODY_TIMEOUT_MS` and `PRODUCE_TIMEOUT_MS`:
+/// librdkafka checks message deadlines once a second, and the producer's poll hands the failure
+/// over within 100 ms.
+pub const INGEST_SLACK_MS: u64 = 2_000;
+
 impl Settings {
+    /// Whether `POST /event` and `POST /events/batch` end within `REQUEST_TIMEOUT_MS` by their own
+    /// deadlines: the body within `BODY_TIMEOUT_MS` (else 408), the broker's acknowledgement
+    /// within `PRODUCE_TIMEOUT_MS` (else 503), plus [`INGEST_SLACK_MS`]. Then a request timer
+    /// could never fire first and none is armed for them (with the defaults: 5 + 5 + 2 s against
+    /// 15 s); otherwise they get one like every other route.
+    pub fn ingest_ends_in_time(&self) -> bool {
+        self.http.body_timeout_ms + self.produce_timeout_ms + INGEST_SLACK_MS <= self.http.request_timeout_ms
+    }
+
     /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests.
     pub fn for_tests(brokers: &str, topic: &str) -> Self {
         let mut s: Settings = service_common::settings::defaults();
@@ -72,5 +86,17 @@ mod tests {
         assert_eq!(s.http.max_batch_len, 10_000);
         assert_eq!(s.http.body_timeout_ms, 5_000);
         assert_eq!(s.http.request_timeout_ms, 15_000);
+    }
+
+    #[test]
+    fn the_ingest_routes_need_no_request_timer_only_when_their_own_deadlines_come_first() {
+        let mut s: Settings = service_common::settings::defaults();
+        assert!(s.ingest_ends_in_time(), "5 s + 5 s + 2 s within 15 s");
+        s.http.request_timeout_ms = 11_999;
+        assert!(!s.ingest_ends_in_time());
+        s.http.request_timeout_ms = 12_000;
+        assert!(s.ingest_ends_in_time());
+        s.produce_timeout_ms = 5_001;
+        assert!(!s.ingest_ends_in_time());
     }
 }

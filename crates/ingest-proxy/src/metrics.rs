@@ -42,6 +42,7 @@ pub(crate) fn produce_latency(seconds: f64) {
         .record(seconds);
 }
 
+/// Set when `/metrics` is read (a gauge is its value at the scrape), not by every request.
 pub(crate) fn in_flight(n: usize) {
     static G: Cached<Gauge> = Cached::new();
     G.get(|| gauge!("ingest_proxy_events_in_flight")).set(n as f64);

@@ -9,8 +9,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use telemetry_core::Event;
-use tokio::sync::Semaphore;
 
 use crate::Settings;
 
@@ -36,8 +36,34 @@ pub struct Ack {
 pub struct Publisher {
     producer: HealingProducer,
     topic: String,
-    permits: Arc<Semaphore>,
+    /// Events handed to the producer and not yet acknowledged (a counter, not a semaphore:
+    /// nothing waits for room, a request that finds none is answered 503 at once).
+    in_flight: AtomicUsize,
     max_in_flight: usize,
+}
+
+/// Room for some events within the in-flight bound, given back when dropped.
+struct Reserved<'a> {
+    in_flight: &'a AtomicUsize,
+    n: usize,
+}
+
+impl<'a> Reserved<'a> {
+    /// Reserves room for `n` events, or none when the bound leaves less.
+    fn take(in_flight: &'a AtomicUsize, n: usize, max: usize) -> Option<Reserved<'a>> {
+        in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                now.checked_add(n).filter(|after| *after <= max)
+            })
+            .ok()
+            .map(|_| Reserved { in_flight, n })
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.n, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -95,7 +121,7 @@ impl Publisher {
         Ok(Publisher {
             producer: HealingProducer::new(producer_config(settings))?,
             topic: settings.kafka.topic.clone(),
-            permits: Arc::new(Semaphore::new(settings.max_in_flight)),
+            in_flight: AtomicUsize::new(0),
             max_in_flight: settings.max_in_flight,
         })
     }
@@ -106,7 +132,21 @@ impl Publisher {
 
     /// Events awaiting acknowledgement now.
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.permits.available_permits()
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Publishes one event and waits for the broker (the single-event request, the common one:
+    /// no vectors, no join).
+    pub async fn publish_one(&self, event: &Event) -> Result<Ack, PublishError> {
+        let Some(reserved) = Reserved::take(&self.in_flight, 1, self.max_in_flight) else {
+            return Err(PublishError::Busy);
+        };
+        let start = Instant::now();
+        let pending = self.producer.with_current(|producer| self.send(producer, event));
+        let result = acknowledgement(pending).await;
+        self.finish(result.is_err(), start);
+        drop(reserved);
+        result
     }
 
     /// Publishes the events in order (keyed by deviceId) and waits for the broker. The result
@@ -116,48 +156,54 @@ impl Publisher {
         if events.is_empty() {
             return Vec::new();
         }
-        let Ok(permit) = Arc::clone(&self.permits).try_acquire_many_owned(events.len() as u32) else {
+        let Some(reserved) = Reserved::take(&self.in_flight, events.len(), self.max_in_flight) else {
             return vec![Err(PublishError::Busy); events.len()];
         };
-        crate::metrics::in_flight(self.in_flight());
         let start = Instant::now();
-        let producer = self.current();
-        let mut pending = Vec::with_capacity(events.len());
-        let mut stopped = false;
-        for event in events {
-            if stopped {
-                pending.push(None);
-                continue;
-            }
-            let payload = serde_json::to_vec(event).expect("an event always serializes");
-            let record = FutureRecord::to(&self.topic)
-                .key(event.device_id.as_bytes())
-                .payload(&payload);
-            match producer.send_result(record) {
-                Ok(delivery) => pending.push(Some(delivery)),
-                Err((err, _)) => {
+        let pending: Vec<Option<DeliveryFuture>> = self.producer.with_current(|producer| {
+            let mut pending = Vec::with_capacity(events.len());
+            for event in events {
+                let delivery = self.send(producer, event);
+                let refused = delivery.is_none();
+                pending.push(delivery);
+                if refused {
                     // Later events of the same device must not overtake this one.
-                    tracing::warn!(error = %err, "producer queue refused an event");
-                    stopped = true;
-                    pending.push(None);
+                    pending.resize_with(events.len(), || None);
+                    break;
                 }
             }
-        }
+            pending
+        });
         // librdkafka fails each message at message.timeout.ms (PRODUCE_TIMEOUT_MS), and the
         // request timeout bounds the whole request besides: no timer of its own here.
-        let results = if pending.len() == 1 {
-            // The single-event request, the common one: no join machinery.
-            vec![acknowledgement(pending.pop().expect("one pending")).await]
-        } else {
-            futures::future::join_all(pending.into_iter().map(acknowledgement)).await
-        };
-        if results.iter().any(Result::is_err) {
-            self.producer.replace_if_fatal(&producer);
+        let results = futures::future::join_all(pending.into_iter().map(acknowledgement)).await;
+        self.finish(results.iter().any(Result::is_err), start);
+        drop(reserved);
+        results
+    }
+
+    /// Hands one event to `producer` (`None`: its queue refused it).
+    fn send(&self, producer: &FutureProducer, event: &Event) -> Option<DeliveryFuture> {
+        let payload = serde_json::to_vec(event).expect("an event always serializes");
+        let record = FutureRecord::to(&self.topic)
+            .key(event.device_id.as_bytes())
+            .payload(&payload);
+        match producer.send_result(record) {
+            Ok(delivery) => Some(delivery),
+            Err((err, _)) => {
+                tracing::warn!(error = %err, "producer queue refused an event");
+                None
+            }
+        }
+    }
+
+    /// After a request's acknowledgements: replaces the producer if a failure was fatal to it,
+    /// and records how long the broker took.
+    fn finish(&self, failed: bool, start: Instant) {
+        if failed {
+            self.producer.heal();
         }
         crate::metrics::produce_latency(start.elapsed().as_secs_f64());
-        drop(permit);
-        crate::metrics::in_flight(self.in_flight());
-        results
     }
 
     fn current(&self) -> Arc<FutureProducer> {
@@ -191,5 +237,29 @@ impl Publisher {
         if let Err(e) = self.current().flush(Timeout::After(timeout)) {
             tracing::warn!(error = %e, "producer flush did not finish; unacknowledged events were answered 503");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_reserved_within_the_bound_and_given_back() {
+        let in_flight = AtomicUsize::new(0);
+        let three = Reserved::take(&in_flight, 3, 4).expect("3 of 4 fit");
+        assert!(Reserved::take(&in_flight, 2, 4).is_none(), "all or nothing");
+        assert_eq!(in_flight.load(Ordering::Acquire), 3, "a refusal reserves nothing");
+        let one = Reserved::take(&in_flight, 1, 4).expect("the last one fits");
+        assert!(Reserved::take(&in_flight, 1, 4).is_none());
+        drop(three);
+        assert_eq!(in_flight.load(Ordering::Acquire), 1);
+        drop(one);
+        assert_eq!(in_flight.load(Ordering::Acquire), 0);
+        assert!(
+            Reserved::take(&in_flight, 5, 4).is_none(),
+            "more than the bound never fits"
+        );
+        assert!(Reserved::take(&in_flight, usize::MAX, usize::MAX).is_some());
     }
 }

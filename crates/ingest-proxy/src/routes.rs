@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -56,14 +56,24 @@ const REQUEST_METRICS: service_common::RequestMetrics = service_common::RequestM
 
 /// The routes. Request metrics are a plain layer and the token check a call at the top of each
 /// ingest handler: as `from_fn` middlewares they cost about a third of the proxy's CPU per
-/// single-event request at 1024 connections (scripts/bench-proxy).
+/// single-event request at 1024 connections (scripts/bench-proxy). The ingest routes get a
+/// request timer only when `REQUEST_TIMEOUT_MS` could end them sooner than their own deadlines
+/// do ([`Settings::ingest_ends_in_time`]).
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let timeout = state.settings.http.timeout_layer();
+    let mut ingest = Router::new()
         .route("/event", post(post_event))
-        .route("/events/batch", post(post_batch))
+        .route("/events/batch", post(post_batch));
+    if !state.settings.ingest_ends_in_time() {
+        ingest = ingest.layer(timeout);
+    }
+    let admin = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(service_common::handlers::metrics))
+        .route("/metrics", get(metrics))
+        .layer(timeout);
+    ingest
+        .merge(admin)
         .fallback(service_common::handlers::not_found)
         .method_not_allowed_fallback(service_common::handlers::method_not_allowed)
         .layer(service_common::TrackRequests(REQUEST_METRICS))
@@ -109,24 +119,19 @@ async fn post_event(
     require_json(&parts.headers, false)?;
     let bytes = state.settings.http.read_body(body).await?;
     let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events(Outcome::Invalid, 1))?;
-    let result = state
-        .publisher
-        .publish(std::slice::from_ref(&event))
-        .await
-        .remove(0);
-    match result {
+    match state.publisher.publish_one(&event).await {
         Ok(ack) => {
             crate::metrics::events(Outcome::Accepted, 1);
             let body = format!(
                 r#"{{"status":"accepted","partition":{},"offset":{}}}"#,
                 ack.partition, ack.offset
             );
-            Ok((
-                StatusCode::ACCEPTED,
-                [(axum::http::header::CONTENT_TYPE, "application/json")],
-                body,
-            )
-                .into_response())
+            let mut response = Response::new(Body::from(body));
+            *response.status_mut() = StatusCode::ACCEPTED;
+            response
+                .headers_mut()
+                .insert(axum::http::header::CONTENT_TYPE, JSON_CONTENT_TYPE);
+            Ok(response)
         }
         Err(e) => {
             crate::metrics::events(Outcome::Rejected, 1);
@@ -134,6 +139,8 @@ async fn post_event(
         }
     }
 }
+
+const JSON_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/json");
 
 fn accepted_json(ack: &Ack) -> Value {
     json!({"status": "accepted", "partition": ack.partition, "offset": ack.offset})
@@ -247,6 +254,12 @@ async fn post_batch(
         );
     }
     Ok(response)
+}
+
+/// `GET /metrics`, with the in-flight gauge read now.
+async fn metrics(State(state): State<AppState>) -> Response {
+    crate::metrics::in_flight(state.publisher.in_flight());
+    service_common::handlers::metrics().await
 }
 
 async fn healthz() -> Json<Value> {

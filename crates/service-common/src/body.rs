@@ -5,6 +5,8 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use bytes::Bytes;
 use http_body_util::LengthLimitError;
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use crate::ApiError;
@@ -64,15 +66,20 @@ pub async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<By
     if http_body::Body::size_hint(&body).lower() > limit as u64 {
         return Err(too_large());
     }
-    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| {
+    let mut read = std::pin::pin!(axum::body::to_bytes(body, limit));
+    // A small body has usually arrived with the headers: then it is read without a timer (one
+    // per request costs more than the read).
+    let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+    let read = match first {
+        Poll::Ready(read) => read,
+        Poll::Pending => tokio::time::timeout(timeout, read).await.map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "body_timeout",
                 format!("request body not received within {} ms", timeout.as_millis()),
             )
-        })?;
+        })?,
+    };
     let bytes = read.map_err(|err| {
         // to_bytes reports both "too large" and transport errors; tell them apart.
         if err.into_inner().downcast_ref::<LengthLimitError>().is_some() {

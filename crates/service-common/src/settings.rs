@@ -91,19 +91,23 @@ impl HttpArgs {
         TcpListener::bind((self.bind_addr.as_str(), self.port)).await
     }
 
-    /// Serves `router` on `listener`, answering 408 to a request not done within
-    /// `REQUEST_TIMEOUT_MS`, until `shutdown` resolves; then finishes the requests in flight.
+    /// Answers 408 to a request not done within `REQUEST_TIMEOUT_MS` (a timer per request:
+    /// layered only on the routes that need one).
+    pub fn timeout_layer(&self) -> TimeoutLayer {
+        TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, self.request_timeout())
+    }
+
+    /// Serves `router` on `listener` until `shutdown` resolves; then finishes the requests in
+    /// flight.
     pub async fn serve(
         &self,
         listener: TcpListener,
         router: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = router.layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            self.request_timeout(),
-        ));
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
     }
 
     /// Reads a request body within `MAX_BODY_BYTES` and `BODY_TIMEOUT_MS` ([`read_body`]).

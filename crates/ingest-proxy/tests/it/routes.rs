@@ -119,3 +119,38 @@ async fn bodies_that_are_not_a_batch_get_400_or_415_naming_the_problem() {
         .json_with(StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(too_big["error"], "body_too_large");
 }
+
+#[tokio::test]
+async fn a_request_timeout_shorter_than_the_ingest_deadlines_answers_408_in_time() {
+    // No broker listens, so the event waits for PRODUCE_TIMEOUT_MS (5 s): the request timer
+    // of 300 ms must end it first.
+    let proxy = route_proxy_with(|s| {
+        s.produce_timeout_ms = 5_000;
+        s.http.request_timeout_ms = 300;
+    });
+    let start = std::time::Instant::now();
+    let answer = proxy.post_json("/event", event("d", 1).to_string()).await;
+    assert_eq!(answer.status, StatusCode::REQUEST_TIMEOUT);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(4),
+        "answered after {:?}, not at the request timeout",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn with_a_long_request_timeout_the_produce_deadline_answers_503() {
+    // PRODUCE_TIMEOUT_MS 500 ms and the default REQUEST_TIMEOUT_MS (15 s): no request timer is
+    // armed, and librdkafka's deadline ends the request.
+    let proxy = route_proxy();
+    let start = std::time::Instant::now();
+    let answer = proxy.post_json("/event", event("d", 1).to_string()).await;
+    let body = answer.json_with(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "unavailable");
+    assert!(answer.headers.contains_key("retry-after"));
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "answered after {:?}",
+        start.elapsed()
+    );
+}
