@@ -26,16 +26,21 @@ pub fn require_json(headers: &HeaderMap, ndjson_ok: bool) -> Result<BodyKind, Ap
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+    // Compared without case and without a lowercased copy (this runs for every request).
+    let mime = raw.split(';').next().unwrap_or("").trim();
+    let is = |want: &str| mime.eq_ignore_ascii_case(want);
+    let has = |at: usize, part: &str| {
+        mime.get(at..at + part.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(part))
+    };
+    if is("application/json")
+        || (mime.len() > "application/+json".len()
+            && has(0, "application/")
+            && has(mime.len() - "+json".len(), "+json"))
+    {
         return Ok(BodyKind::Json);
     }
-    if ndjson_ok
-        && matches!(
-            mime.as_str(),
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl"
-        )
-    {
+    if ndjson_ok && (is("application/x-ndjson") || is("application/ndjson") || is("application/jsonl")) {
         return Ok(BodyKind::Ndjson);
     }
     let expected = if ndjson_ok {
@@ -92,4 +97,45 @@ pub async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<By
         return Err(ApiError::bad_request("empty_body", "request body is empty"));
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(content_type: &str, ndjson_ok: bool) -> Option<BodyKind> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            content_type.parse().expect("a header value"),
+        );
+        require_json(&headers, ndjson_ok).ok()
+    }
+
+    #[test]
+    fn json_types_are_told_apart_without_regard_to_case() {
+        for ct in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " application/json ",
+            "application/vnd.api+json",
+            "APPLICATION/PROBLEM+JSON",
+        ] {
+            assert_eq!(kind(ct, false), Some(BodyKind::Json), "{ct}");
+        }
+        for ct in ["application/x-ndjson", "Application/NDJSON", "application/jsonl"] {
+            assert_eq!(kind(ct, true), Some(BodyKind::Ndjson), "{ct}");
+            assert_eq!(kind(ct, false), None, "{ct} where NDJSON is not taken");
+        }
+        for ct in [
+            "text/json",
+            "application/+json",
+            "application/jsonx",
+            "text/plain",
+            "application/xml+json5",
+            "",
+        ] {
+            assert_eq!(kind(ct, true), None, "{ct}");
+        }
+    }
 }
