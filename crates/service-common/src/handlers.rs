@@ -6,11 +6,14 @@ use axum::response::{IntoResponse, Response};
 
 use crate::ApiError;
 
-/// `GET /metrics`: the process's metrics in Prometheus text format.
+/// `GET /metrics`: the process's metrics in Prometheus text format (the recorder's, then the
+/// request metrics each thread keeps).
 pub async fn metrics() -> Response {
+    let mut text = crate::metrics_handle().render();
+    crate::metrics::render_request_metrics(&mut text);
     (
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics_handle().render(),
+        text,
     )
         .into_response()
 }
