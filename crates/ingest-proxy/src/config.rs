@@ -57,8 +57,15 @@ impl Settings {
     /// within `PRODUCE_TIMEOUT_MS` (else 503), plus [`INGEST_SLACK_MS`]. Then a request timer
     /// could never fire first and none is armed for them (with the defaults: 5 + 5 + 2 s against
     /// 15 s); otherwise they get one like every other route.
+    /// A `PRODUCE_TIMEOUT_MS` of 0 is librdkafka's "no deadline", so the timer stays.
     pub fn ingest_ends_in_time(&self) -> bool {
-        self.http.body_timeout_ms + self.produce_timeout_ms + INGEST_SLACK_MS <= self.http.request_timeout_ms
+        self.produce_timeout_ms > 0
+            && self
+                .http
+                .body_timeout_ms
+                .saturating_add(self.produce_timeout_ms)
+                .saturating_add(INGEST_SLACK_MS)
+                <= self.http.request_timeout_ms
     }
 
     /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests.
@@ -98,5 +105,11 @@ mod tests {
         assert!(s.ingest_ends_in_time());
         s.produce_timeout_ms = 5_001;
         assert!(!s.ingest_ends_in_time());
+        s.produce_timeout_ms = 0;
+        assert!(!s.ingest_ends_in_time(), "0 is no deadline at all");
+        s.produce_timeout_ms = 1;
+        s.http.body_timeout_ms = u64::MAX;
+        s.http.request_timeout_ms = 20_000;
+        assert!(!s.ingest_ends_in_time(), "no overflow into a short sum");
     }
 }

@@ -32,12 +32,6 @@ impl HealingProducer {
         std::sync::Arc::clone(&self.producer.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Calls `f` with the producer to use now, without taking a reference to it (the request
-    /// path: a reference count that every request thread shares costs more than the call).
-    pub fn with_current<R>(&self, f: impl FnOnce(&rdkafka::producer::FutureProducer) -> R) -> R {
-        f(&self.producer.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
     /// Replaces `failed` with a new producer if librdkafka declared it dead.
     pub fn replace_if_fatal(&self, failed: &std::sync::Arc<rdkafka::producer::FutureProducer>) {
         use rdkafka::producer::Producer;

@@ -142,9 +142,11 @@ impl Publisher {
             return Err(PublishError::Busy);
         };
         let start = Instant::now();
-        let pending = self.producer.with_current(|producer| self.send(producer, event));
-        let result = acknowledgement(pending).await;
-        self.finish(result.is_err(), start);
+        // Held until the answer: a producer replaced meanwhile must live on, so that what it
+        // already sent gets its real outcome (dropping it would purge those messages).
+        let producer = self.current();
+        let result = acknowledgement(self.send(&producer, event)).await;
+        self.finish(&producer, result.is_err(), start);
         drop(reserved);
         result
     }
@@ -160,24 +162,23 @@ impl Publisher {
             return vec![Err(PublishError::Busy); events.len()];
         };
         let start = Instant::now();
-        let pending: Vec<Option<DeliveryFuture>> = self.producer.with_current(|producer| {
-            let mut pending = Vec::with_capacity(events.len());
-            for event in events {
-                let delivery = self.send(producer, event);
-                let refused = delivery.is_none();
-                pending.push(delivery);
-                if refused {
-                    // Later events of the same device must not overtake this one.
-                    pending.resize_with(events.len(), || None);
-                    break;
-                }
+        let producer = self.current(); // held until the answers, as in `publish_one`
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let delivery = self.send(&producer, event);
+            let refused = delivery.is_none();
+            pending.push(delivery);
+            if refused {
+                // Later events of the same device must not overtake this one.
+                pending.resize_with(events.len(), || None);
+                break;
             }
-            pending
-        });
-        // librdkafka fails each message at message.timeout.ms (PRODUCE_TIMEOUT_MS), and the
-        // request timeout bounds the whole request besides: no timer of its own here.
+        }
+        // librdkafka fails each message at message.timeout.ms (PRODUCE_TIMEOUT_MS); a request
+        // timer bounds the request besides only where REQUEST_TIMEOUT_MS could end it sooner
+        // (`Settings::ingest_ends_in_time`). No timer of its own here.
         let results = futures::future::join_all(pending.into_iter().map(acknowledgement)).await;
-        self.finish(results.iter().any(Result::is_err), start);
+        self.finish(&producer, results.iter().any(Result::is_err), start);
         drop(reserved);
         results
     }
@@ -197,11 +198,11 @@ impl Publisher {
         }
     }
 
-    /// After a request's acknowledgements: replaces the producer if a failure was fatal to it,
-    /// and records how long the broker took.
-    fn finish(&self, failed: bool, start: Instant) {
+    /// After a request's acknowledgements: replaces `producer` if a failure was fatal to it
+    /// (unless that was done already), and records how long the broker took.
+    fn finish(&self, producer: &Arc<FutureProducer>, failed: bool, start: Instant) {
         if failed {
-            self.producer.heal();
+            self.producer.replace_if_fatal(producer);
         }
         crate::metrics::produce_latency(start.elapsed().as_secs_f64());
     }
