@@ -242,7 +242,7 @@ impl Writer {
                 }
             }
         }
-        TxnOutcome::Failed(last)
+        TxnOutcome::Failed(format!("the broker refused it {ATTEMPTS} times, last: {last}"))
     }
 
     /// One transaction; returns the offsets of its `Reset` (for a snapshot) and its `Commit`.
