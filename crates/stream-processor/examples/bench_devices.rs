@@ -1,7 +1,8 @@
 //! Bounded-state benchmark (run by scripts/bench-devices): pushes BENCH_DEVICES (1,000,000)
 //! distinct devices, three events each, through one partition's state machine with its
-//! checkpoints applied to a real local state store (SQLite), then moves the partition's event
-//! time past the dedup horizon and prints memory (RSS, peak RSS) and the store's size before
+//! checkpoints applied to a real local state store (SQLite), then moves processing time past
+//! FORGET_AFTER_MS (every device but one is forgotten, leaving a record) and past the records'
+//! retention, and prints memory (RSS, peak RSS) and the store's size before
 //! and after (file, and live: pages in use; freed pages are reused, the file only shrinks with
 //! VACUUM). No broker: the changelog records are the ones the store applies.
 
@@ -14,6 +15,8 @@ use telemetry_core::CleanupConfig;
 
 const BASE: i64 = 1_700_000_000_000;
 const HORIZON_MS: i64 = 600_000;
+const FORGET_AFTER_MS: u64 = 600_000;
+const RETENTION_MS: u64 = 7 * 24 * 3_600_000;
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -95,11 +98,11 @@ fn store_mb(path: &std::path::Path) -> (f64, f64) {
 }
 
 fn report(label: &str, d: &Driver, path: &std::path::Path) {
-    let (devices, evicted) = d.p.devices();
+    let (devices, evicted, forgotten) = d.p.devices();
     let (rss, peak) = rss_mb();
     let (file, live) = store_mb(path);
     println!(
-        "{label:<28} devices={devices:>8} evicted={evicted:>8} dedup_keys={:>8}  rss={rss:>7.1} MB (peak {peak:.1})  store file={file:>7.1} MB live={live:>7.1} MB",
+        "{label:<28} devices={devices:>8} evicted={evicted:>8} records={forgotten:>8} dedup_keys={:>8}  rss={rss:>7.1} MB (peak {peak:.1})  store file={file:>7.1} MB live={live:>7.1} MB",
         d.p.dedup_len()
     );
 }
@@ -121,6 +124,8 @@ async fn main() {
             allowed_lateness_ms: 5_000,
             dedup_horizon_ms: HORIZON_MS,
             idle_timeout_ms: 1_000,
+            forget_after_ms: FORGET_AFTER_MS,
+            forgotten_retention_ms: RETENTION_MS,
         },
         batch_size: 1_000,
         batch_linger_ms: 200,
@@ -175,22 +180,30 @@ async fn main() {
     );
     report("all devices within horizon", &d, &path);
 
-    // One device moves the partition's event time past the horizon: the others are forgotten.
-    for k in 0..50i64 {
-        now += 100;
-        let ts = BASE + 500_000 + HORIZON_MS + 10_000 + k * 1_000;
-        let payload = format!(r#"{{"deviceId":"clock","ts":{ts},"latitude":37.7,"longitude":-122.4}}"#);
-        let actions = d.p.on_event(None, payload.as_bytes(), offset, now);
-        d.drive(actions, now);
-        offset += 1;
-        let actions = d.p.on_tick(now, Some(now));
-        d.drive(actions, now);
-    }
-    now += 10_000;
-    let actions = d.p.on_tick(now, Some(now));
-    d.drive(actions, now);
-    let actions = d.p.flush(now);
-    d.drive(actions, now);
+    // Processing time passes FORGET_AFTER_MS while one device keeps sending: the others are
+    // forgotten, each leaving a record.
+    let mut ts = BASE + 500_000;
+    let mut pass = |d: &mut Driver, offset: &mut i64, now: &mut u64, until: u64, step: u64| {
+        while *now < until {
+            *now += step;
+            ts += 1_000;
+            let payload = format!(r#"{{"deviceId":"clock","ts":{ts},"latitude":37.7,"longitude":-122.4}}"#);
+            let actions = d.p.on_event(None, payload.as_bytes(), *offset, *now);
+            d.drive(actions, *now);
+            *offset += 1;
+            let actions = d.p.on_tick(*now, Some(*now));
+            d.drive(actions, *now);
+        }
+        let actions = d.p.flush(*now);
+        d.drive(actions, *now);
+    };
+    let until = now + FORGET_AFTER_MS + 60_000;
+    pass(&mut d, &mut offset, &mut now, until, 1_000);
     d.store.sync().await.expect("store synced");
-    report("after the horizon passed", &d, &path);
+    report("after FORGET_AFTER_MS", &d, &path);
+    // And their records' retention: the records are dropped.
+    let until = now + RETENTION_MS + 3_600_000;
+    pass(&mut d, &mut offset, &mut now, until, 60_000);
+    d.store.sync().await.expect("store synced");
+    report("after FORGOTTEN_RETENTION_MS", &d, &path);
 }

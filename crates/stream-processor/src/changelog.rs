@@ -14,7 +14,7 @@ use std::io::Write as _;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use telemetry_core::{DeviceMark, SeenKey};
+use telemetry_core::{DeviceMark, Forgotten, SeenKey};
 
 /// A batch built but not yet known to be acknowledged by the sink. Its id
 /// (`{topic}-{partition}-{seq}`) is the sink's Idempotency-Key.
@@ -56,8 +56,12 @@ pub struct PartitionState {
     /// The last commit records `waiting` (a changelog written before it did not: its events
     /// below the decided offset can only be decided again).
     pub waiting_known: bool,
-    /// The newest event time of every forgotten device (see `Cleaner::forgotten_through`).
+    /// Forgotten devices' records: each replaces the device's mark and keys.
+    pub forgotten: HashMap<String, Forgotten>,
+    /// The partition-wide floor of forgotten devices a changelog of an earlier version recorded
+    /// (`Cleaner::with_former_floor`), and until when it holds once a restore set that.
     pub forgotten_through: Option<i64>,
+    pub forgotten_through_until: Option<u64>,
 }
 
 /// A set of offsets as disjoint ranges `[start, end)`: the events waiting in reorder buffers,
@@ -174,8 +178,21 @@ impl PartitionState {
                 for device in &delta.evicted {
                     self.marks.remove(device);
                     self.keys.remove(device);
+                    self.forgotten.remove(device);
+                }
+                for (device, through, at_ms) in &delta.forgotten {
+                    self.marks.remove(device);
+                    self.keys.remove(device);
+                    self.forgotten.insert(
+                        device.clone(),
+                        Forgotten {
+                            through: *through,
+                            at_ms: *at_ms,
+                        },
+                    );
                 }
                 for (device, max_ts, released_max) in &delta.marks {
+                    self.forgotten.remove(device);
                     self.marks.insert(
                         device.clone(),
                         DeviceMark {
@@ -204,8 +221,13 @@ impl PartitionState {
                 for (start, end) in &delta.waiting_added {
                     self.waiting.insert(*start, *end);
                 }
-                if delta.forgotten_through.is_some() {
-                    self.forgotten_through = delta.forgotten_through;
+                if let Some(through) = delta.forgotten_through {
+                    // Written by an earlier version: its expiry is set by the first restore.
+                    self.forgotten_through = Some(through);
+                }
+                if let Some((through, until)) = delta.former_floor {
+                    self.forgotten_through = Some(through);
+                    self.forgotten_through_until = Some(until);
                 }
             }
             Record::Commit(c) => {
@@ -221,20 +243,25 @@ impl PartitionState {
     }
 
     /// The whole state as records (a snapshot), without the closing commit: a `Reset`, the
-    /// marks, keys and waiting offsets in chunks, then the outbox.
+    /// marks, forgotten records, keys and waiting offsets in chunks, then the outbox.
     pub fn snapshot_records(
         marks: Vec<(String, DeviceMark)>,
         keys: Vec<SeenKey>,
+        forgotten: Vec<(String, Forgotten)>,
         waiting: Vec<(i64, i64)>,
-        forgotten_through: Option<i64>,
+        former_floor: (Option<i64>, Option<u64>),
         outbox: impl IntoIterator<Item = OutboxBatch>,
     ) -> Vec<Record> {
         let mut out = vec![Record::Reset];
+        let (through, until) = former_floor;
         let all = StateDelta {
-            forgotten_through,
+            // An earlier version's floor whose expiry no restore has set yet stays as it was.
+            forgotten_through: through.filter(|_| until.is_none()),
+            former_floor: through.zip(until),
             waiting_added: waiting,
             waiting_removed: Vec::new(),
             evicted: Vec::new(),
+            forgotten: forgotten.into_iter().map(|(d, f)| (d, f.through, f.at_ms)).collect(),
             marks: marks
                 .into_iter()
                 .map(|(d, m)| (d, m.max_ts, m.released_max))
@@ -257,11 +284,13 @@ impl PartitionState {
     /// This state as snapshot records (with its commit), e.g. to seed the local cache.
     pub fn to_records(&self, id: &str) -> Vec<Record> {
         let marks = self.marks.iter().map(|(d, m)| (d.clone(), *m)).collect();
+        let forgotten = self.forgotten.iter().map(|(d, f)| (d.clone(), *f)).collect();
         let mut records = PartitionState::snapshot_records(
             marks,
             self.seen_keys(),
+            forgotten,
             self.waiting.ranges().collect(),
-            self.forgotten_through,
+            (self.forgotten_through, self.forgotten_through_until),
             self.outbox.values().cloned(),
         );
         records.push(Record::Commit(Commit {
@@ -282,9 +311,13 @@ pub const CHUNK_BYTES: usize = 512 * 1024;
 /// Changes to marks and keys.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateDelta {
-    /// Devices forgotten with their marks and keys; applied before the rest.
+    /// Devices whose mark, keys and forgotten record are dropped; applied before the rest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evicted: Vec<String>,
+    /// (device, through, at_ms): forgotten devices' records, each replacing the device's mark
+    /// and keys; applied after `evicted`, before `marks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forgotten: Vec<(String, i64, u64)>,
     /// (device, max_ts, released_max)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub marks: Vec<(String, i64, i64)>,
@@ -301,9 +334,12 @@ pub struct StateDelta {
     /// Offsets newly waiting: ranges `[start, end)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting_added: Vec<(i64, i64)>,
-    /// The partition's forgotten floor, when it rose.
+    /// The partition-wide forgotten floor, as versions before per-device records wrote it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forgotten_through: Option<i64>,
+    /// That floor with the processing time it holds until (set by the first restore since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub former_floor: Option<(i64, u64)>,
 }
 
 /// Estimated JSON bytes of one item of each list of a [`StateDelta`].
@@ -312,6 +348,9 @@ fn device_bytes(device: &str) -> usize {
 }
 fn mark_bytes(m: &(String, i64, i64)) -> usize {
     m.0.len() + 48
+}
+fn forgotten_bytes(f: &(String, i64, u64)) -> usize {
+    f.0.len() + 48
 }
 fn key_bytes(k: &(String, i64, u64, u64)) -> usize {
     k.0.len() + 64
@@ -325,6 +364,7 @@ impl StateDelta {
     /// Roughly the bytes of this delta as JSON (an upper estimate).
     pub fn estimated_bytes(&self) -> usize {
         self.evicted.iter().map(|d| device_bytes(d)).sum::<usize>()
+            + self.forgotten.iter().map(forgotten_bytes).sum::<usize>()
             + self.marks.iter().map(mark_bytes).sum::<usize>()
             + self.keys.iter().map(key_bytes).sum::<usize>()
             + self.pruned.iter().map(prune_bytes).sum::<usize>()
@@ -332,11 +372,13 @@ impl StateDelta {
     }
 
     /// The same changes as records of at most about [`CHUNK_BYTES`] each, in an order that
-    /// applies the same: evictions, marks, keys, prunes, waiting offsets removed, then added.
+    /// applies the same: evictions, forgotten records, marks, keys, prunes, waiting offsets
+    /// removed, then added.
     pub fn into_chunks(self) -> Vec<StateDelta> {
         let mut out = Vec::new();
         let mut cur = StateDelta {
             forgotten_through: self.forgotten_through,
+            former_floor: self.former_floor,
             ..StateDelta::default()
         };
         let mut bytes = 0usize;
@@ -350,6 +392,10 @@ impl StateDelta {
         for d in self.evicted {
             room(&mut cur, &mut bytes, device_bytes(&d), &mut out);
             cur.evicted.push(d);
+        }
+        for f in self.forgotten {
+            room(&mut cur, &mut bytes, forgotten_bytes(&f), &mut out);
+            cur.forgotten.push(f);
         }
         for m in self.marks {
             room(&mut cur, &mut bytes, mark_bytes(&m), &mut out);
@@ -419,6 +465,8 @@ struct Wire<'a> {
     #[serde(default)]
     evicted: Vec<String>,
     #[serde(default)]
+    forgotten: Vec<(String, i64, u64)>,
+    #[serde(default)]
     marks: Vec<(String, i64, i64)>,
     #[serde(default)]
     keys: Vec<(String, i64, u64, u64)>,
@@ -429,6 +477,7 @@ struct Wire<'a> {
     #[serde(default)]
     waiting_added: Vec<(i64, i64)>,
     forgotten_through: Option<i64>,
+    former_floor: Option<(i64, u64)>,
     id: Option<String>,
     resume_offset: Option<i64>,
     decided_offset: Option<i64>,
@@ -539,12 +588,14 @@ impl Record {
             },
             "state" => Record::State(StateDelta {
                 evicted: w.evicted,
+                forgotten: w.forgotten,
                 marks: w.marks,
                 keys: w.keys,
                 pruned: w.pruned,
                 waiting_removed: w.waiting_removed,
                 waiting_added: w.waiting_added,
                 forgotten_through: w.forgotten_through,
+                former_floor: w.former_floor,
             }),
             "commit" => Record::Commit(Commit {
                 id: w.id.ok_or_else(|| missing("id"))?,
@@ -601,12 +652,14 @@ mod tests {
             batch(3),
             Record::State(StateDelta {
                 evicted: vec!["gone".into()],
+                forgotten: vec![("quiet".into(), 12, 1_700_000_000_000)],
                 marks: vec![("d".into(), 10, 5)],
                 keys: vec![("d".into(), 5, u64::MAX, 1)],
                 pruned: vec![("e".into(), 2)],
                 waiting_removed: vec![(0, 4)],
                 waiting_added: vec![(7, 9), (12, 13)],
                 forgotten_through: Some(-3),
+                former_floor: Some((-3, 9)),
             }),
             commit("w-1", 7, 4, Some(2)),
         ];
@@ -716,6 +769,77 @@ mod tests {
         assert_eq!(other, s);
     }
 
+    #[test]
+    fn forgotten_records_replace_marks_and_keys_and_a_live_mark_replaces_a_record() {
+        let mut s = PartitionState::default();
+        let state = |d: StateDelta| Record::State(d);
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                marks: vec![("a".into(), 5, 5), ("b".into(), 7, 7)],
+                keys: vec![("a".into(), 5, 1, 2), ("b".into(), 7, 1, 2)],
+                ..StateDelta::default()
+            }),
+        );
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                forgotten: vec![("a".into(), 5, 100), ("b".into(), 7, 100)],
+                ..StateDelta::default()
+            }),
+        );
+        assert!(s.marks.is_empty() && s.keys.is_empty(), "a record replaces what the device had");
+        assert_eq!(s.forgotten["a"], Forgotten { through: 5, at_ms: 100 });
+        // a comes back (dropped first, then its live mark); b's record expires.
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                evicted: vec!["a".into(), "b".into()],
+                marks: vec![("a".into(), 9, 5)],
+                ..StateDelta::default()
+            }),
+        );
+        assert!(s.forgotten.is_empty());
+        assert_eq!(s.marks["a"], DeviceMark { max_ts: 9, released_max: 5 });
+        // A live mark alone also supersedes a record.
+        s.apply("t", 0, &state(StateDelta { forgotten: vec![("c".into(), 3, 1)], ..StateDelta::default() }));
+        s.apply("t", 0, &state(StateDelta { marks: vec![("c".into(), 4, 4)], ..StateDelta::default() }));
+        assert!(s.forgotten.is_empty());
+        // A snapshot carries the records, and an earlier version's floor as it was read.
+        s.apply("t", 0, &state(StateDelta { forgotten: vec![("d".into(), 8, 2)], ..StateDelta::default() }));
+        s.apply("t", 0, &state(StateDelta { forgotten_through: Some(42), ..StateDelta::default() }));
+        assert_eq!((s.forgotten_through, s.forgotten_through_until), (Some(42), None));
+        let mut other = PartitionState::default();
+        for r in s.to_records("w-1") {
+            other.apply("t", 0, &Record::decode(&r.encode(), 0).expect("decodes"));
+        }
+        s.resume_offset = Some(0);
+        assert_eq!(other, s);
+        s.apply("t", 0, &state(StateDelta { former_floor: Some((42, 77)), ..StateDelta::default() }));
+        assert_eq!((s.forgotten_through, s.forgotten_through_until), (Some(42), Some(77)));
+        let mut other = PartitionState::default();
+        for r in s.to_records("w-2") {
+            other.apply("t", 0, &Record::decode(&r.encode(), 0).expect("decodes"));
+        }
+        assert_eq!(other, s);
+    }
+
+    #[test]
+    fn a_state_record_of_the_version_before_forgotten_records_still_reads() {
+        let old = br#"{"t":"state","evicted":["x"],"marks":[["d",10,10]],"forgotten_through":1700000000000}"#;
+        let Record::State(d) = Record::decode(old, 0).expect("decodes") else {
+            panic!("a state record")
+        };
+        assert_eq!(d.forgotten_through, Some(1_700_000_000_000));
+        let mut s = PartitionState::default();
+        s.apply("t", 0, &Record::State(d));
+        assert_eq!(s.forgotten_through, Some(1_700_000_000_000));
+        assert_eq!(s.forgotten_through_until, None, "set by the first restore");
+    }
+
     proptest::proptest! {
         /// The range set agrees with a plain set under any inserts and removes.
         #[test]
@@ -766,7 +890,7 @@ mod tests {
                 longitude_bits: 0,
             })
             .collect();
-        let records = PartitionState::snapshot_records(vec![], keys, vec![], None, vec![]);
+        let records = PartitionState::snapshot_records(vec![], keys, vec![], vec![], (None, None), vec![]);
         assert!(records.len() >= 4, "reset and several chunks: {}", records.len());
         for r in &records {
             assert!(

@@ -67,6 +67,16 @@ pub struct Settings {
     /// Defaults to ALLOWED_LATENESS_MS.
     #[arg(long, env = "IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
+    /// Processing time after a device's last event when it is forgotten, once nothing of it
+    /// waits (ms): its marks and dedup identities leave memory and a small record stays (its id
+    /// and the newest ts released for it). Shorter saves memory; a resend arriving after it is
+    /// dead-lettered as late instead of dropped as a duplicate. Never changes what is stored.
+    #[arg(long, env = "FORGET_AFTER_MS", default_value_t = 600_000)]
+    pub forget_after_ms: u64,
+    /// Processing time a forgotten device's record is kept (ms; default 7 days). A device silent
+    /// longer than this is new again: a resend of an event it sent before then is stored again.
+    #[arg(long, env = "FORGOTTEN_RETENTION_MS", default_value_t = 604_800_000)]
+    pub forgotten_retention_ms: u64,
     /// Most events per batch sent to the sink (keep it at or below the sink's MAX_BATCH_LEN).
     #[arg(long, env = "BATCH_SIZE", default_value_t = 1_000)]
     pub batch_size: usize,
@@ -144,6 +154,9 @@ impl Settings {
         if self.dedup_horizon_ms < self.allowed_lateness_ms {
             return Err("DEDUP_HORIZON_MS must be >= ALLOWED_LATENESS_MS".into());
         }
+        if self.forgotten_retention_ms < self.forget_after_ms {
+            return Err("FORGOTTEN_RETENTION_MS must be >= FORGET_AFTER_MS".into());
+        }
         self.kafka.validate()?;
         if self.max_outbox_per_partition == 0 {
             return Err("MAX_OUTBOX_PER_PARTITION must be at least 1".into());
@@ -158,6 +171,8 @@ impl Settings {
             idle_timeout_ms: self
                 .idle_timeout_ms
                 .unwrap_or(self.allowed_lateness_ms.max(0) as u64),
+            forget_after_ms: self.forget_after_ms,
+            forgotten_retention_ms: self.forgotten_retention_ms,
         }
     }
 }

@@ -90,11 +90,13 @@ pub(crate) fn partition_gauges(
     }
 }
 
-/// Devices the partition knows, and how many it forgot since its owner restored it.
-pub(crate) fn devices(partition: i32, known: usize, evicted: u64) {
+/// Devices the partition knows, how many it forgot since its owner restored it, and how many
+/// forgotten devices' records it keeps.
+pub(crate) fn devices(partition: i32, known: usize, evicted: u64, forgotten: usize) {
     let p = partition.to_string();
     gauge!("stream_processor_devices", "partition" => p.clone()).set(known as f64);
-    gauge!("stream_processor_devices_evicted", "partition" => p).set(evicted as f64);
+    gauge!("stream_processor_devices_evicted", "partition" => p.clone()).set(evicted as f64);
+    gauge!("stream_processor_devices_forgotten", "partition" => p).set(forgotten as f64);
 }
 
 pub(crate) fn outbox(partition: i32, batches: usize) {

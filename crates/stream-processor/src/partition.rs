@@ -183,6 +183,7 @@ impl Partition {
     ) -> Partition {
         let keys = state.seen_keys();
         let marks = state.marks.into_iter().collect();
+        let former = (state.forgotten_through, state.forgotten_through_until);
         let resume = state.resume_offset.unwrap_or(0);
         let replay = (state.decided_offset > resume).then(|| Replay {
             until: state.decided_offset,
@@ -190,7 +191,8 @@ impl Partition {
         });
         Partition {
             cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now)
-                .with_forgotten_through(state.forgotten_through),
+                .with_forgotten(state.forgotten)
+                .with_former_floor(former.0, former.1, now),
             force_snapshot: state.resume_offset.is_some() && !state.waiting_known,
             replay,
             recorded_through: state.decided_offset,
@@ -244,9 +246,14 @@ impl Partition {
         self.cleaner.max_watermark()
     }
 
-    /// Devices known, and devices evicted since this owner restored the partition.
-    pub fn devices(&self) -> (usize, u64) {
-        (self.cleaner.device_count(), self.cleaner.evicted_total())
+    /// Devices known, devices forgotten since this owner restored the partition, and forgotten
+    /// devices' records kept.
+    pub fn devices(&self) -> (usize, u64, usize) {
+        (
+            self.cleaner.device_count(),
+            self.cleaner.evicted_total(),
+            self.cleaner.forgotten_count(),
+        )
     }
 
     pub fn take_counts(&mut self) -> Counts {
@@ -312,7 +319,7 @@ impl Partition {
                     self.counts.conflict += 1;
                     None
                 }
-                Outcome::Late => Some((Reason::Late, "ts below the device's watermark".to_owned())),
+                Outcome::Late(rule) => Some((Reason::Late, rule.detail().to_owned())),
             },
         };
         // Below `decided_offset` the dead letter was written with an earlier checkpoint.
@@ -466,12 +473,13 @@ impl Partition {
             || self.acked_through != self.acked_recorded
             || self.split_to.is_some()
             || self.cleaner.has_released()
+            || self.cleaner.has_forgetting()
     }
 
     /// Roughly what a snapshot of this state would take on the changelog, in bytes.
     fn state_estimate(&self) -> usize {
         let outbox: usize = self.outbox.iter().map(|b| b.body.len()).sum();
-        self.cleaner.dedup_len() * 40 + self.cleaner.device_count() * 48 + outbox
+        self.cleaner.dedup_len() * 40 + (self.cleaner.device_count() + self.cleaner.forgotten_count()) * 48 + outbox
     }
 
     fn take_released(&mut self, now: u64) {
@@ -590,8 +598,10 @@ impl Partition {
             let (marks, keys) = self.cleaner.snapshot();
             let waiting = self.cleaner.buffered_offset_ranges(i64::MIN);
             let outbox = self.outbox.iter().chain(batches.iter()).cloned();
-            let forgotten = self.cleaner.forgotten_through();
-            PartitionState::snapshot_records(marks, keys, waiting, forgotten, outbox.collect::<Vec<_>>())
+            let forgotten = self.cleaner.forgotten_records();
+            let former = self.cleaner.former_floor();
+            let former = (former.map(|f| f.through), former.map(|f| f.until_ms));
+            PartitionState::snapshot_records(marks, keys, forgotten, waiting, former, outbox.collect::<Vec<_>>())
         } else {
             let mut records: Vec<Record> = batches
                 .iter()
@@ -603,6 +613,11 @@ impl Partition {
                 .collect();
             let delta = StateDelta {
                 evicted: changes.evicted,
+                forgotten: changes
+                    .forgotten
+                    .into_iter()
+                    .map(|(d, f)| (d, f.through, f.at_ms))
+                    .collect(),
                 marks: changes
                     .devices
                     .into_iter()
@@ -616,7 +631,8 @@ impl Partition {
                 pruned: changes.pruned,
                 waiting_removed,
                 waiting_added,
-                forgotten_through: changes.forgotten_through,
+                forgotten_through: None,
+                former_floor: changes.former_floor.map(|f| (f.through, f.until_ms)),
             };
             records.extend(delta.into_chunks().into_iter().map(Record::State));
             records
@@ -672,6 +688,7 @@ mod tests {
                 allowed_lateness_ms: 100,
                 dedup_horizon_ms: 10_000,
                 idle_timeout_ms: 1_000,
+                ..CleanupConfig::default()
             },
             batch_size: 3,
             batch_linger_ms: 50,
@@ -691,6 +708,7 @@ mod tests {
                 allowed_lateness_ms,
                 dedup_horizon_ms,
                 idle_timeout_ms: 1_000,
+                ..CleanupConfig::default()
             },
             ..cfg()
         }
@@ -1152,36 +1170,43 @@ mod tests {
     }
 
     #[test]
-    fn an_event_late_by_the_horizon_stays_dead_lettered_when_its_device_is_known_on_reading_again() {
+    fn an_event_late_for_a_forgotten_device_stays_dead_lettered_after_its_record_expired() {
         let mut c = cfg();
-        c.cleanup.dedup_horizon_ms = 1_000;
-        let stream = [("e", 100_000), ("d", 98_950), ("d", 99_000)];
+        c.cleanup.forget_after_ms = 300;
+        c.cleanup.forgotten_retention_ms = 1_000;
         let mut p = Partition::restore(c.clone(), PartitionState::default(), 0, 0);
         let mut state = PartitionState::default();
         let mut letters = Vec::new();
-        for (o, (device, ts)) in stream.iter().enumerate() {
-            let a = p.on_event(None, &of(device, *ts), o as i64, 0);
-            letters.extend(commit_through(&mut p, &mut state, a, 0).0);
+        // e's first event waits throughout (e keeps sending within its lateness), so the
+        // partition resumes from offset 0; d is flushed, forgotten, and resends.
+        let stream = [(("e", 5_000), 0), (("d", 1_000), 0), (("e", 4_910), 900), (("d", 1_000), 1_000), (("e", 4_920), 1_500)];
+        for (o, ((device, ts), now)) in stream.iter().enumerate() {
+            if o == 3 {
+                let a = p.on_tick(1_000, Some(1_000));
+                letters.extend(commit_through(&mut p, &mut state, a, 1_000).0);
+            }
+            let a = p.on_event(None, &of(device, *ts), o as i64, *now);
+            letters.extend(commit_through(&mut p, &mut state, a, *now).0);
         }
-        let a = p.flush(0);
-        letters.extend(commit_through(&mut p, &mut state, a, 0).0);
-        assert_eq!(
-            letters.iter().map(|d| d.source_offset).collect::<Vec<_>>(),
-            vec![1],
-            "d is unknown and 98950 lies beyond the horizon of 100000"
-        );
-        // Read again, d is known (99000 waits) and 98950 lies within its lateness: decided
-        // again, it would be stored after its dead letter.
-        let mut q = Partition::restore(c, state.clone(), 0, 0);
-        for (o, (device, ts)) in stream.iter().enumerate() {
-            let a = q.on_event(None, &of(device, *ts), o as i64, 1);
-            letters.extend(commit_through(&mut q, &mut state, a, 1).0);
+        let a = p.on_tick(2_100, Some(2_100));
+        letters.extend(commit_through(&mut p, &mut state, a, 2_100).0);
+        let a = p.flush(2_100);
+        letters.extend(commit_through(&mut p, &mut state, a, 2_100).0);
+        assert_eq!(offsets(&letters), vec![3], "the resend is late: d's record says it was released");
+        assert!(state.forgotten.is_empty() && !state.marks.contains_key("d"), "then d's record expired");
+        assert_eq!(state.resume_offset, Some(0));
+        // Read again, d is new (its record expired): decided again, the resend would be stored
+        // after its dead letter.
+        let mut q = Partition::restore(c, state.clone(), 0, 2_100);
+        for (o, ((device, ts), _)) in stream.iter().enumerate() {
+            let a = q.on_event(None, &of(device, *ts), o as i64, 2_100);
+            letters.extend(commit_through(&mut q, &mut state, a, 2_100).0);
         }
         letters.extend(settle(&mut q, &mut state, 10_000));
-        assert_eq!(letters.len(), 1);
+        assert_eq!(offsets(&letters), vec![3]);
         let mut stored = outbox_ts(&state);
         stored.sort_unstable();
-        assert_eq!(stored, vec![99_000, 100_000]);
+        assert_eq!(stored, vec![1_000, 4_910, 4_920, 5_000]);
     }
 
     #[test]
@@ -1219,35 +1244,33 @@ mod tests {
     }
 
     #[test]
-    fn a_device_forgotten_under_a_small_horizon_stays_forgotten_after_it_is_raised() {
-        let small = with_cleanup(0, 300);
-        let big = with_cleanup(0, 100_000);
+    fn a_forgotten_device_stays_forgotten_across_a_restart_with_a_longer_forget_after() {
+        let mut short = with_cleanup(0, 100_000);
+        short.cleanup.forget_after_ms = 300;
+        let long = with_cleanup(0, 100_000);
         let mut state = PartitionState::default();
-        let mut p = Partition::restore(small, PartitionState::default(), 0, 0);
-        for (o, payload) in [(0, of("d", 1_000)), (1, of("e", 2_000))] {
-            let a = p.on_event(None, &payload, o, 0);
-            commit_through(&mut p, &mut state, a, 0);
+        let mut p = Partition::restore(short, PartitionState::default(), 0, 0);
+        for (o, payload, now) in [(0, of("d", 1_000), 0), (1, of("e", 2_000), 0), (2, of("e", 2_100), 1_300)] {
+            let a = p.on_event(None, &payload, o, now);
+            commit_through(&mut p, &mut state, a, now);
         }
-        let a = p.on_tick(0, Some(0));
-        commit_through(&mut p, &mut state, a, 0);
-        let a = p.on_event(None, &of("e", 2_100), 2, 0);
-        commit_through(&mut p, &mut state, a, 0);
-        let a = p.flush(0);
-        commit_through(&mut p, &mut state, a, 0);
-        assert!(
-            !state.marks.contains_key("d"),
-            "d is forgotten, and that is recorded"
-        );
-        assert_eq!(state.forgotten_through, Some(1_000));
-        // Restarted with DEDUP_HORIZON_MS raised, d resends its stored event.
-        let mut q = Partition::restore(big, state.clone(), 0, 0);
-        let a = q.on_event(None, &of("d", 1_000), 3, 0);
-        let (mut letters, _) = commit_through(&mut q, &mut state, a, 0);
+        let a = p.on_tick(1_400, Some(1_400));
+        commit_through(&mut p, &mut state, a, 1_400);
+        let a = p.flush(1_400);
+        commit_through(&mut p, &mut state, a, 1_400);
+        assert!(!state.marks.contains_key("d"), "d is forgotten");
+        assert_eq!(state.forgotten.get("d").map(|f| f.through), Some(1_000), "and its record persisted");
+        assert!(state.marks.contains_key("e"), "e is not: it sent 100 ms ago");
+        // Restarted with FORGET_AFTER_MS raised, d resends its stored event.
+        let mut q = Partition::restore(long, state.clone(), 0, 2_000);
+        let a = q.on_event(None, &of("d", 1_000), 3, 2_000);
+        let (mut letters, _) = commit_through(&mut q, &mut state, a, 2_000);
         letters.extend(settle(&mut q, &mut state, 10_000));
         let mut stored = outbox_ts(&state);
         stored.sort_unstable();
         assert_eq!(stored, vec![1_000, 2_000, 2_100], "d@1000 once");
         assert_eq!(offsets(&letters), vec![3]);
+        assert!(letters[0].detail.contains("forgotten"), "{}", letters[0].detail);
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub struct Pipeline {
     acks: mpsc::UnboundedReceiver<(i32, u64, i64, Delivery)>,
     owned: HashMap<i32, Owned>,
     assignments: u64,
-    clock: Instant,
+    clock: Clock,
     last_tick_ms: u64,
     /// Per partition: the high watermark and the processing time it was asked for.
     high_watermarks: Arc<Mutex<HashMap<i32, (i64, u64)>>>,
@@ -163,7 +163,7 @@ impl Pipeline {
             acks,
             owned: HashMap::new(),
             assignments: 0,
-            clock: Instant::now(),
+            clock: Clock::new(),
             last_tick_ms: 0,
             high_watermarks: Arc::new(Mutex::new(HashMap::new())),
             first_delivered: false,
@@ -171,7 +171,7 @@ impl Pipeline {
     }
 
     fn now_ms(&self) -> u64 {
-        self.clock.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
     /// Runs until `shutdown` resolves, then drains (checkpoint, deliver, hand over). Returns an
@@ -332,7 +332,7 @@ impl Pipeline {
                 failpoint::hit(Step::AfterPostBeforeAckRecorded);
                 if !self.first_delivered {
                     self.first_delivered = true;
-                    let secs = self.clock.elapsed().as_secs_f64();
+                    let secs = self.clock.start.elapsed().as_secs_f64();
                     metrics::restart_to_first_batch(secs);
                     tracing::info!(
                         seconds = secs,
@@ -392,8 +392,8 @@ impl Pipeline {
                 .max_watermark()
                 .map(|wm| (wall_clock_ms() - wm) as f64 / 1000.0);
             metrics::partition_gauges(p, o.core.buffered_len(), o.core.dedup_len(), delay);
-            let (devices, evicted) = o.core.devices();
-            metrics::devices(p, devices, evicted);
+            let (devices, evicted, forgotten) = o.core.devices();
+            metrics::devices(p, devices, evicted, forgotten);
             metrics::outbox(p, o.core.outbox_len());
             // Lag from the high watermark the watcher last saw (librdkafka's own figure needs
             // offsets committed by the consumer; here the checkpoint transactions commit them).
@@ -764,6 +764,28 @@ impl Restorer {
     }
 }
 
+/// Processing time: milliseconds since the Unix epoch as of the process start, advanced by a
+/// monotonic clock (so it never goes back within a process, and records persisted with it, such
+/// as when a device was forgotten, mean the same on the next owner).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    start: Instant,
+    epoch_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            start: Instant::now(),
+            epoch_ms: wall_clock_ms().max(0) as u64,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
 fn wall_clock_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -777,7 +799,7 @@ async fn watch_high_watermarks(
     consumer: Arc<GroupConsumer>,
     topic: String,
     marks: Arc<Mutex<HashMap<i32, (i64, u64)>>>,
-    clock: Instant,
+    clock: Clock,
 ) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -788,7 +810,7 @@ async fn watch_high_watermarks(
             .copied()
             .collect();
         for p in parts {
-            let asked_at = clock.elapsed().as_millis() as u64;
+            let asked_at = clock.now_ms();
             let (c, t) = (Arc::clone(&consumer), topic.clone());
             let fetched =
                 tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(1))).await;

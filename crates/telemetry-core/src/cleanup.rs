@@ -1,23 +1,31 @@
 //! Stream cleanup for one partition, as pure synchronous code: deduplication by `(deviceId, ts)`,
-//! per-device watermarks, a reorder buffer released in ts order, idle flush, and eviction of
-//! devices that fell out of the dedup horizon. Time is passed in (processing time,
-//! milliseconds); nothing here reads a clock or does I/O.
+//! per-device watermarks, a reorder buffer released in ts order, idle flush, and forgetting of
+//! devices that fell silent. Time is passed in (processing time, milliseconds since the Unix
+//! epoch in the processor); nothing here reads a clock or does I/O.
 //!
-//! Rules (DESIGN.md): a device's watermark is `max(max_ts - allowed_lateness, released_max)`.
-//! An event below it on arrival is late, and so is one at or below `released_max` that is not a
-//! duplicate of a kept identity. Buffered events with `ts <= watermark` are released in ts
-//! order. A device silent for `idle_timeout_ms` has its whole buffer released, which raises
-//! `released_max`. Identities of released events are kept while `ts >= max_ts - dedup_horizon`.
-//! A device whose newest event is more than the horizon behind the partition's newest event,
-//! with nothing buffered, is forgotten (evicted); so that nothing it sent before can come back
-//! as new, a device the partition does not know is accepted only from the partition's newest
-//! event time minus the horizon on, and only above the newest event time of every device
-//! forgotten (earlier: late); a device new to the partition starts with that as its
-//! `released_max`.
+//! Every rule is per device: an event's fate depends only on its own device's history, never on
+//! another device's clock or on which devices share the partition.
+//! - A device's watermark is `max(max_ts - allowed_lateness, released_max)`. An event below its
+//!   device's watermark on arrival is late, and so is one at or below `released_max` that is not
+//!   a duplicate of a kept identity. Buffered events with `ts <= watermark` are released in ts
+//!   order. A device silent for `idle_timeout_ms` has its whole buffer released, which raises
+//!   `released_max`. Identities of released events are kept while `ts >= max_ts - dedup_horizon`.
+//! - A device never seen has nothing that could be a duplicate: it is judged from its first
+//!   event on.
+//! - A device with nothing buffered and silent for `forget_after_ms` (processing time, its own
+//!   last arrival) is forgotten: its marks and identities leave memory, and a small record stays
+//!   (its id and `through`, the newest ts released for it). Back, it is judged against that:
+//!   nothing at or below `through` is stored again (late), everything newer by its own
+//!   watermark, starting at `through`. Forgotten or not, a device releases the same events; when
+//!   it is forgotten changes only whether a resend of a released event counts as a duplicate or
+//!   as late.
+//! - A forgotten device's record is dropped `forgotten_retention_ms` after it was forgotten: a
+//!   device silent longer than that is new again, and a resend of an event it sent before then
+//!   would be stored again.
 //!
 //! Work per event, per tick and per checkpoint follows the devices concerned, not all devices:
-//! changed devices are listed as they change, waiting ones are indexed, and eviction candidates
-//! are bucketed by the event time of their newest event.
+//! changed devices are listed as they change, waiting ones are indexed, devices are bucketed by
+//! their last arrival for forgetting and records by when they were made for expiry.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -32,6 +40,11 @@ pub struct CleanupConfig {
     pub dedup_horizon_ms: i64,
     /// Processing time after a device's last event when its buffer is released (ms).
     pub idle_timeout_ms: u64,
+    /// Processing time after a device's last event when it is forgotten, if nothing of it waits
+    /// (ms).
+    pub forget_after_ms: u64,
+    /// Processing time a forgotten device's record is kept (ms).
+    pub forgotten_retention_ms: u64,
 }
 
 impl Default for CleanupConfig {
@@ -40,6 +53,8 @@ impl Default for CleanupConfig {
             allowed_lateness_ms: 5_000,
             dedup_horizon_ms: 600_000,
             idle_timeout_ms: 5_000,
+            forget_after_ms: 600_000,
+            forgotten_retention_ms: 7 * 24 * 3_600_000,
         }
     }
 }
@@ -53,9 +68,32 @@ pub enum Outcome {
     Duplicate,
     /// Same identity, other coordinates: the first one wins, this one is dropped.
     Conflict,
-    /// Below the device's watermark (or, for a device the partition does not know, beyond the
-    /// dedup horizon of the partition's newest event): must not reach the sink.
-    Late,
+    /// Must not reach the sink; which rule says so.
+    Late(Late),
+}
+
+/// Which rule made an event late (each is about the event's own device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Late {
+    /// More than the allowed lateness behind the newest ts of its device.
+    Watermark,
+    /// At or below the newest ts already released for its device (released early by an idle
+    /// flush, or its identity no longer kept), and not a duplicate of a kept identity.
+    Released,
+    /// At or below what was released for its device before the device was forgotten (or below
+    /// the partition-wide floor a changelog of an earlier version recorded).
+    Forgotten,
+}
+
+impl Late {
+    /// The rule, as a dead letter's detail says it.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Late::Watermark => "ts below the device's watermark (its newest ts minus the allowed lateness)",
+            Late::Released => "ts at or below the newest ts already released for the device (idle flush)",
+            Late::Forgotten => "ts at or below what was released for the device before it was forgotten",
+        }
+    }
 }
 
 /// An event leaving the reorder buffer, with the offset it was read at.
@@ -74,6 +112,23 @@ pub struct DeviceMark {
     pub released_max: i64,
 }
 
+/// What is kept of a forgotten device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forgotten {
+    /// The newest ts released for it: nothing at or below is stored again.
+    pub through: i64,
+    /// When it was forgotten (processing time, ms).
+    pub at_ms: u64,
+}
+
+/// The floor a changelog of an earlier version recorded for the whole partition (the newest ts
+/// of every device it forgot), kept for devices without a record of their own until `until_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormerFloor {
+    pub through: i64,
+    pub until_ms: u64,
+}
+
 /// A released identity with its coordinates' bits (to tell duplicates from conflicts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeenKey {
@@ -83,20 +138,23 @@ pub struct SeenKey {
     pub longitude_bits: u64,
 }
 
-/// State changes since the last `take_changes`: what a checkpoint must persist.
+/// State changes since the last `take_changes`: what a checkpoint must persist, applied in the
+/// order of the fields.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Changes {
-    /// Devices forgotten (with their marks and keys); applied before the rest, so a device
-    /// evicted and seen again since starts afresh.
+    /// Devices whose persisted mark, identities and forgotten record are dropped: forgotten and
+    /// back since (what it is now follows), or whose record expired.
     pub evicted: Vec<String>,
+    /// Devices forgotten since, with their records; each replaces the device's mark and keys.
+    pub forgotten: Vec<(String, Forgotten)>,
     /// Devices whose mark changed, with the new mark.
     pub devices: Vec<(String, DeviceMark)>,
     /// Identities released since the last checkpoint.
     pub new_keys: Vec<SeenKey>,
     /// Identities dropped from the horizon: for each device, every key below the given ts.
     pub pruned: Vec<(String, i64)>,
-    /// The partition's new forgotten floor, when it rose ([`Cleaner::forgotten_through`]).
-    pub forgotten_through: Option<i64>,
+    /// The former partition floor, when its expiry was first set.
+    pub former_floor: Option<FormerFloor>,
 }
 
 #[derive(Debug)]
@@ -107,28 +165,32 @@ struct Device {
     /// Released identities by ts: coordinates' bits.
     seen: BTreeMap<i64, (u64, u64)>,
     last_arrival_ms: u64,
+    /// What it came back from being forgotten with (`i64::MIN`: none): events at or below are
+    /// late for that reason.
+    floor: i64,
     dirty: bool,
     pruned_below: Option<i64>,
     /// In the cleaner's list of changed devices.
     listed: bool,
-    /// Eviction bucket of `mark.max_ts` (`i64::MIN`: none yet).
-    bucket: i64,
+    /// Forgetting bucket of `last_arrival_ms`.
+    bucket: u64,
 }
 
 impl Device {
-    fn new(now_ms: u64) -> Self {
+    fn new(now_ms: u64, through: i64) -> Self {
         Device {
             mark: DeviceMark {
-                max_ts: i64::MIN,
-                released_max: i64::MIN,
+                max_ts: through,
+                released_max: through,
             },
             buffer: BTreeMap::new(),
             seen: BTreeMap::new(),
             last_arrival_ms: now_ms,
+            floor: through,
             dirty: false,
             pruned_below: None,
             listed: false,
-            bucket: i64::MIN,
+            bucket: u64::MAX,
         }
     }
 
@@ -147,16 +209,21 @@ pub struct Cleaner {
     devices: HashMap<String, Device>,
     /// Everything but the device map, so a device and the outputs borrow apart.
     out: Outputs,
-    /// Newest event time of the partition (`i64::MIN`: none).
+    /// Newest event time of the partition (`i64::MIN`: none); for metrics only, it decides
+    /// nothing.
     max_ts: i64,
-    /// Device ids by the eviction bucket of their newest event (`max_ts / bucket_width`); an entry
-    /// whose device has moved on to a later bucket is stale and skipped.
-    buckets: BTreeMap<i64, Vec<String>>,
-    evicted: Vec<String>,
+    /// Device ids by the forgetting bucket of their last arrival; an entry whose device has
+    /// moved on to a later bucket is stale and skipped.
+    buckets: BTreeMap<u64, Vec<String>>,
+    /// Forgotten devices.
+    forgotten: HashMap<String, Forgotten>,
+    /// Forgotten device ids by the expiry bucket of `at_ms`; stale entries are skipped.
+    expiry: BTreeMap<u64, Vec<String>>,
+    /// Devices forgotten, back, or expired since the last `take_changes` (may repeat).
+    forgotten_since: Vec<String>,
     evicted_total: u64,
-    /// Every event time at or below this may belong to a forgotten device (`i64::MIN`: none).
-    forgotten_through: i64,
-    forgotten_changed: bool,
+    former_floor: Option<FormerFloor>,
+    former_floor_changed: bool,
 }
 
 impl Cleaner {
@@ -167,14 +234,17 @@ impl Cleaner {
             out: Outputs::default(),
             max_ts: i64::MIN,
             buckets: BTreeMap::new(),
-            evicted: Vec::new(),
+            forgotten: HashMap::new(),
+            expiry: BTreeMap::new(),
+            forgotten_since: Vec::new(),
             evicted_total: 0,
-            forgotten_through: i64::MIN,
-            forgotten_changed: false,
+            former_floor: None,
+            former_floor_changed: false,
         }
     }
 
-    /// Rebuilds the state a checkpoint persisted (marks and released identities).
+    /// Rebuilds the state a checkpoint persisted (marks and released identities). Restored
+    /// devices count as arrived at `now_ms`.
     pub fn restore(
         config: CleanupConfig,
         marks: Vec<(String, DeviceMark)>,
@@ -183,7 +253,7 @@ impl Cleaner {
     ) -> Self {
         let mut c = Cleaner::new(config);
         for (device, mark) in marks {
-            let mut d = Device::new(now_ms);
+            let mut d = Device::new(now_ms, i64::MIN);
             d.mark = mark;
             c.max_ts = c.max_ts.max(mark.max_ts);
             c.devices.insert(device, d);
@@ -192,7 +262,7 @@ impl Cleaner {
             let d = c
                 .devices
                 .entry(k.device_id)
-                .or_insert_with(|| Device::new(now_ms));
+                .or_insert_with(|| Device::new(now_ms, i64::MIN));
             if d.seen.insert(k.ts, (k.latitude_bits, k.longitude_bits)).is_none() {
                 c.out.seen += 1;
             }
@@ -201,30 +271,64 @@ impl Cleaner {
         c
     }
 
-    /// The forgotten floor a checkpoint persisted, for a restored cleaner.
-    pub fn with_forgotten_through(mut self, through: Option<i64>) -> Self {
-        self.forgotten_through = through.unwrap_or(i64::MIN);
+    /// The forgotten devices' records a checkpoint persisted, for a restored cleaner.
+    pub fn with_forgotten(mut self, forgotten: impl IntoIterator<Item = (String, Forgotten)>) -> Self {
+        for (id, f) in forgotten {
+            if self.devices.contains_key(&id) {
+                continue; // a live mark supersedes a record
+            }
+            self.file_expiry(&id, f.at_ms);
+            self.forgotten.insert(id, f);
+        }
         self
     }
 
-    /// The newest event time any forgotten device had: an event at or below it may be a resend
-    /// of a forgotten identity, so a device the partition does not know is accepted only above
-    /// it, and a device that comes back starts as if it had released it (whatever the horizon
-    /// is now: raising it does not bring forgotten identities back).
-    pub fn forgotten_through(&self) -> Option<i64> {
-        (self.forgotten_through != i64::MIN).then_some(self.forgotten_through)
+    /// The partition-wide floor a changelog of an earlier version recorded (`until_ms` once a
+    /// restore of this version set it): until then, a device without a record of its own is
+    /// late at or below it, and starts there. The first restore sets its expiry to the
+    /// retention of a forgotten device's record from `now_ms`.
+    pub fn with_former_floor(mut self, through: Option<i64>, until_ms: Option<u64>, now_ms: u64) -> Self {
+        if let Some(through) = through {
+            let until_ms = until_ms.unwrap_or_else(|| {
+                self.former_floor_changed = true;
+                now_ms.saturating_add(self.config.forgotten_retention_ms)
+            });
+            self.former_floor = (until_ms > now_ms).then_some(FormerFloor { through, until_ms });
+        }
+        self
     }
 
-    /// Files every device under the eviction bucket of its newest event.
+    /// The former partition floor, while it applies.
+    pub fn former_floor(&self) -> Option<FormerFloor> {
+        self.former_floor
+    }
+
+    fn forget_width(&self) -> u64 {
+        (self.config.forget_after_ms / 16).max(1)
+    }
+
+    fn expiry_width(&self) -> u64 {
+        (self.config.forgotten_retention_ms / 64).max(1)
+    }
+
+    fn file_expiry(&mut self, id: &str, at_ms: u64) {
+        let bucket = at_ms / self.expiry_width();
+        self.expiry.entry(bucket).or_default().push(id.to_owned());
+    }
+
+    /// Files every device under the forgetting bucket of its last arrival, and every record
+    /// under its expiry bucket.
     fn rebucket(&mut self) {
-        let width = self.bucket_width();
+        let width = self.forget_width();
         self.buckets.clear();
         for (id, d) in self.devices.iter_mut() {
-            d.bucket = i64::MIN;
-            if d.mark.max_ts != i64::MIN {
-                d.bucket = d.mark.max_ts.div_euclid(width);
-                self.buckets.entry(d.bucket).or_default().push(id.clone());
-            }
+            d.bucket = d.last_arrival_ms / width;
+            self.buckets.entry(d.bucket).or_default().push(id.clone());
+        }
+        let width = self.expiry_width();
+        self.expiry.clear();
+        for (id, f) in &self.forgotten {
+            self.expiry.entry(f.at_ms / width).or_default().push(id.clone());
         }
     }
 
@@ -234,9 +338,10 @@ impl Cleaner {
     /// the identities of the new horizon: the same as a cleaner restored with these settings
     /// does once what was waiting is back ([`Cleaner::release_below_watermarks`]).
     pub fn set_config(&mut self, config: CleanupConfig) {
-        let horizon_changed = config.dedup_horizon_ms != self.config.dedup_horizon_ms;
+        let refile = config.forget_after_ms != self.config.forget_after_ms
+            || config.forgotten_retention_ms != self.config.forgotten_retention_ms;
         self.config = config;
-        if horizon_changed {
+        if refile {
             self.rebucket();
         }
         self.release_below_watermarks();
@@ -264,27 +369,30 @@ impl Cleaner {
     /// [`Cleaner::release_below_watermarks`] once all are). False if its identity is already
     /// buffered or released, which a consistent checkpoint never gives.
     pub fn rebuffer(&mut self, event: Event, offset: i64, now_ms: u64) -> bool {
-        let width = self.bucket_width();
-        let device = self
-            .devices
-            .entry(event.device_id.clone())
-            .or_insert_with(|| Device::new(now_ms));
+        if !self.devices.contains_key(&event.device_id) {
+            let through = self.come_back(&event.device_id);
+            self.devices.insert(event.device_id.clone(), Device::new(now_ms, through));
+        }
+        let width = self.forget_width();
+        let device = self.devices.get_mut(&event.device_id).expect("inserted above");
         if device.buffer.contains_key(&event.ts) || device.seen.contains_key(&event.ts) {
             return false;
         }
-        device.last_arrival_ms = now_ms;
+        arrive(device, &event.device_id, now_ms, width, &mut self.buckets);
         // A consistent checkpoint's mark already counts every waiting event, so the mark only
         // changes for one that does not.
-        admit(
-            device,
-            event,
-            offset,
-            width,
-            &mut self.max_ts,
-            &mut self.buckets,
-            &mut self.out,
-        );
+        admit(device, event, offset, &mut self.max_ts, &mut self.out);
         true
+    }
+
+    /// A device unknown to the live map becomes live again: its forgotten record (or the former
+    /// partition floor) is what it starts from.
+    fn come_back(&mut self, id: &str) -> i64 {
+        if let Some(f) = self.forgotten.remove(id) {
+            self.forgotten_since.push(id.to_owned());
+            return f.through;
+        }
+        self.former_floor.map_or(i64::MIN, |f| f.through)
     }
 
     pub fn config(&self) -> &CleanupConfig {
@@ -295,32 +403,24 @@ impl Cleaner {
         self.config.dedup_horizon_ms.max(1)
     }
 
-    /// Width of an eviction bucket (event time): a sixteenth of the horizon, so a device is
-    /// forgotten at most that long after it fell out of the horizon.
-    fn bucket_width(&self) -> i64 {
-        (self.horizon() / 16).max(1)
-    }
-
     /// Classifies one event read at `offset` and releases what its watermark lets go.
     pub fn process(&mut self, event: Event, offset: i64, now_ms: u64) -> Outcome {
         let lateness = self.config.allowed_lateness_ms;
         let horizon = self.horizon();
-        let width = self.bucket_width();
-        let device = match self.devices.get_mut(&event.device_id) {
-            Some(d) => d,
-            None => {
-                if (self.max_ts != i64::MIN && event.ts < self.max_ts.saturating_sub(horizon))
-                    || event.ts <= self.forgotten_through
-                {
-                    return Outcome::Late;
-                }
-                let mut device = Device::new(now_ms);
-                // Perhaps forgotten and back: nothing it may have sent before counts as new.
-                device.mark.released_max = self.forgotten_through;
-                self.devices.entry(event.device_id.clone()).or_insert(device)
+        let width = self.forget_width();
+        if !self.devices.contains_key(&event.device_id) {
+            let floor = match self.forgotten.get(&event.device_id) {
+                Some(f) => f.through,
+                None => self.former_floor.map_or(i64::MIN, |f| f.through),
+            };
+            if event.ts <= floor {
+                return Outcome::Late(Late::Forgotten);
             }
-        };
-        device.last_arrival_ms = now_ms;
+            let through = self.come_back(&event.device_id);
+            self.devices.insert(event.device_id.clone(), Device::new(now_ms, through));
+        }
+        let device = self.devices.get_mut(&event.device_id).expect("inserted above");
+        arrive(device, &event.device_id, now_ms, width, &mut self.buckets);
         let pos = (event.latitude.to_bits(), event.longitude.to_bits());
         if let Some((first, _)) = device.buffer.get(&event.ts) {
             return if first.same_position(&event) {
@@ -336,31 +436,28 @@ impl Cleaner {
                 Outcome::Conflict
             };
         }
+        if event.ts <= device.floor {
+            return Outcome::Late(Late::Forgotten);
+        }
+        if device.mark.max_ts != i64::MIN && event.ts < device.mark.max_ts.saturating_sub(lateness) {
+            return Outcome::Late(Late::Watermark);
+        }
         // At or below what was released, and not found above: its identity was pruned (it is the
-        // released one, or older), or it was forgotten.
-        if event.ts <= device.mark.released_max
-            || (device.mark.max_ts != i64::MIN && event.ts < device.watermark(lateness))
-        {
-            return Outcome::Late;
+        // released one, or older), or an idle flush released past it.
+        if event.ts <= device.mark.released_max {
+            return Outcome::Late(Late::Released);
         }
         let id = event.device_id.clone();
-        admit(
-            device,
-            event,
-            offset,
-            width,
-            &mut self.max_ts,
-            &mut self.buckets,
-            &mut self.out,
-        );
+        admit(device, event, offset, &mut self.max_ts, &mut self.out);
         let watermark = device.watermark(lateness);
         self.out.release_through(&id, device, watermark, horizon);
         Outcome::Buffered
     }
 
-    /// Releases the buffers of devices silent for the idle timeout (processing time), then
-    /// evicts devices out of the horizon. Call it only when the partition has nothing unread
-    /// (after a restore, what is read again must find the devices it knew).
+    /// Releases the buffers of devices silent for the idle timeout (processing time), forgets
+    /// devices silent for `forget_after_ms` with nothing buffered, and drops forgotten records
+    /// older than their retention. Call it only when the partition has nothing unread (after a
+    /// restore, what is read again must find the devices it knew).
     pub fn tick(&mut self, now_ms: u64) {
         let idle = self.config.idle_timeout_ms;
         let horizon = self.horizon();
@@ -380,30 +477,21 @@ impl Cleaner {
                 self.out.release_through(&id, device, i64::MAX, horizon);
             }
         }
-        self.evict();
+        self.forget_silent(now_ms);
+        self.expire(now_ms);
+        if self.former_floor.is_some_and(|f| f.until_ms <= now_ms) {
+            self.former_floor = None;
+        }
     }
 
-    /// Forgets devices whose newest event is more than the horizon behind the partition's
-    /// newest and that have nothing buffered. Looks only at the buckets wholly below the floor.
-    fn evict(&mut self) {
-        if self.max_ts == i64::MIN {
-            return;
-        }
-        let floor = self.max_ts.saturating_sub(self.horizon());
-        let below = floor.div_euclid(self.bucket_width());
+    /// Forgets every device of the buckets wholly past `forget_after_ms` that is silent that
+    /// long and has nothing buffered; the others (waiting for an idle flush) stay in their
+    /// bucket and are looked at again at the next tick.
+    fn forget_silent(&mut self, now_ms: u64) {
+        let after = self.config.forget_after_ms;
+        let Some(cutoff) = now_ms.checked_sub(after) else { return };
+        let below = cutoff / self.forget_width();
         let before = self.devices.len();
-        self.evict_below(floor, below);
-        if self.devices.len() < before && self.devices.capacity() > 4 * self.devices.len() + 1024 {
-            // Give the memory of a large wave of forgotten devices back.
-            self.devices.shrink_to(2 * self.devices.len());
-        }
-    }
-
-    /// Evicts every device of the buckets wholly below the floor that has nothing buffered;
-    /// the others (waiting for an idle flush) stay in their bucket and are looked at again at
-    /// the next tick. Which devices go depends only on their marks and buffers, so a restored
-    /// cleaner evicts exactly what the original would have.
-    fn evict_below(&mut self, floor: i64, below: i64) {
         let mut waiting = Vec::new();
         while let Some(entry) = self.buckets.first_entry() {
             if *entry.key() >= below {
@@ -415,15 +503,16 @@ impl Cleaner {
                 if d.bucket != bucket {
                     continue; // moved on to a later bucket
                 }
-                if d.mark.max_ts < floor && d.buffer.is_empty() {
+                if d.last_arrival_ms <= cutoff && d.buffer.is_empty() {
                     let d = self.devices.remove(&id).expect("looked up above");
-                    if d.mark.max_ts > self.forgotten_through {
-                        self.forgotten_through = d.mark.max_ts;
-                        self.forgotten_changed = true;
-                    }
                     self.out.seen -= d.seen.len();
                     self.evicted_total += 1;
-                    self.evicted.push(id);
+                    // Nothing waits, so everything admitted was released: `max_ts` is the newest
+                    // ts released (a restored mark may not say so in `released_max`).
+                    let through = d.mark.max_ts.max(d.mark.released_max);
+                    self.file_expiry(&id, now_ms);
+                    self.forgotten.insert(id.clone(), Forgotten { through, at_ms: now_ms });
+                    self.forgotten_since.push(id);
                 } else {
                     waiting.push((bucket, id));
                 }
@@ -432,11 +521,47 @@ impl Cleaner {
         for (bucket, id) in waiting {
             self.buckets.entry(bucket).or_default().push(id);
         }
+        if self.devices.len() < before && self.devices.capacity() > 4 * self.devices.len() + 1024 {
+            // Give the memory of a large wave of forgotten devices back.
+            self.devices.shrink_to(2 * self.devices.len());
+        }
+    }
+
+    /// Drops the records of devices forgotten longer ago than the retention.
+    fn expire(&mut self, now_ms: u64) {
+        let retention = self.config.forgotten_retention_ms;
+        let Some(cutoff) = now_ms.checked_sub(retention) else { return };
+        let below = cutoff / self.expiry_width();
+        let width = self.expiry_width();
+        let before = self.forgotten.len();
+        while let Some(entry) = self.expiry.first_entry() {
+            if *entry.key() >= below {
+                break;
+            }
+            let (bucket, ids) = entry.remove_entry();
+            for id in ids {
+                // Wholly past the cutoff; an entry of a device forgotten again since, and filed
+                // again, is stale.
+                if self.forgotten.get(&id).is_some_and(|f| f.at_ms / width == bucket) {
+                    self.forgotten.remove(&id);
+                    self.forgotten_since.push(id);
+                }
+            }
+        }
+        if self.forgotten.len() < before && self.forgotten.capacity() > 4 * self.forgotten.len() + 1024 {
+            self.forgotten.shrink_to(2 * self.forgotten.len());
+        }
     }
 
     /// Events released since the last call, each device's in ts order.
     pub fn drain_released(&mut self) -> Vec<Released> {
         std::mem::take(&mut self.out.released)
+    }
+
+    /// True when devices were forgotten, came back or had their records expire since the last
+    /// `take_changes` (a checkpoint records it).
+    pub fn has_forgetting(&self) -> bool {
+        !self.forgotten_since.is_empty() || self.former_floor_changed
     }
 
     /// True when released events wait to be drained.
@@ -462,12 +587,23 @@ impl Cleaner {
     /// State changes since the last call (for a checkpoint).
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes {
-            evicted: std::mem::take(&mut self.evicted),
-            forgotten_through: std::mem::take(&mut self.forgotten_changed).then_some(self.forgotten_through),
+            former_floor: std::mem::take(&mut self.former_floor_changed)
+                .then_some(self.former_floor)
+                .flatten(),
             ..Changes::default()
         };
-        // Only identities still kept: not those of a device evicted since (even if it came back:
-        // its eviction is applied first, then what it is now), nor those pruned since.
+        let mut ids = std::mem::take(&mut self.forgotten_since);
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            match self.forgotten.get(&id) {
+                Some(f) => changes.forgotten.push((id, *f)),
+                // Back (what it is now follows) or expired.
+                None => changes.evicted.push(id),
+            }
+        }
+        // Only identities still kept: not those of a device forgotten since (even if it came
+        // back: its eviction is applied first, then what it is now), nor those pruned since.
         let devices = &self.devices;
         changes.new_keys = std::mem::take(&mut self.out.new_keys)
             .into_iter()
@@ -510,6 +646,11 @@ impl Cleaner {
         (marks, keys)
     }
 
+    /// Every forgotten device's record (for a snapshot).
+    pub fn forgotten_records(&self) -> Vec<(String, Forgotten)> {
+        self.forgotten.iter().map(|(id, f)| (id.clone(), *f)).collect()
+    }
+
     /// Events in reorder buffers.
     pub fn buffered_len(&self) -> usize {
         self.out.buffered
@@ -525,38 +666,40 @@ impl Cleaner {
         self.devices.len()
     }
 
-    /// Devices evicted since this cleaner was made.
+    /// Forgotten devices whose records are kept.
+    pub fn forgotten_count(&self) -> usize {
+        self.forgotten.len()
+    }
+
+    /// Devices forgotten since this cleaner was made.
     pub fn evicted_total(&self) -> u64 {
         self.evicted_total
     }
 
     /// The partition's newest event time minus the allowed lateness: the highest watermark a
-    /// device can have (event time, ms).
+    /// device can have (event time, ms; for metrics).
     pub fn max_watermark(&self) -> Option<i64> {
         (self.max_ts != i64::MIN).then(|| self.max_ts.saturating_sub(self.config.allowed_lateness_ms))
     }
 }
 
+/// An event of the device arrived: it is not silent, and is refiled for forgetting when its
+/// last arrival moved to a later bucket (`width`: the bucket width).
+fn arrive(device: &mut Device, id: &str, now_ms: u64, width: u64, buckets: &mut BTreeMap<u64, Vec<String>>) {
+    device.last_arrival_ms = device.last_arrival_ms.max(now_ms);
+    let bucket = device.last_arrival_ms / width;
+    if bucket != device.bucket {
+        device.bucket = bucket;
+        buckets.entry(bucket).or_default().push(id.to_owned());
+    }
+}
+
 /// Takes an event into its device's buffer. When it is the device's newest, the device's and the
-/// partition's newest event times rise to it, and the device is refiled for eviction (`width`:
-/// the bucket width) and listed as changed.
-fn admit(
-    device: &mut Device,
-    event: Event,
-    offset: i64,
-    width: i64,
-    partition_max: &mut i64,
-    buckets: &mut BTreeMap<i64, Vec<String>>,
-    out: &mut Outputs,
-) {
+/// partition's newest event times rise to it, and the device is listed as changed.
+fn admit(device: &mut Device, event: Event, offset: i64, partition_max: &mut i64, out: &mut Outputs) {
     if event.ts > device.mark.max_ts {
         device.mark.max_ts = event.ts;
         *partition_max = (*partition_max).max(event.ts);
-        let bucket = event.ts.div_euclid(width);
-        if bucket != device.bucket {
-            device.bucket = bucket;
-            buckets.entry(bucket).or_default().push(event.device_id.clone());
-        }
         device.dirty = true;
         if !device.listed {
             device.listed = true;
@@ -739,11 +882,18 @@ mod tests {
         }
     }
 
+    /// Forgetting after the horizon's length of silence; records kept for good.
     fn cfg(lateness: i64, horizon: i64, idle: u64) -> CleanupConfig {
+        cfg_forget(lateness, horizon, idle, horizon as u64, u64::MAX / 4)
+    }
+
+    fn cfg_forget(lateness: i64, horizon: i64, idle: u64, forget_after: u64, retention: u64) -> CleanupConfig {
         CleanupConfig {
             allowed_lateness_ms: lateness,
             dedup_horizon_ms: horizon,
             idle_timeout_ms: idle,
+            forget_after_ms: forget_after,
+            forgotten_retention_ms: retention,
         }
     }
 
@@ -784,7 +934,7 @@ mod tests {
     fn late_event_is_classified_late_and_never_released() {
         let mut c = Cleaner::new(cfg(100, 10_000, 1_000));
         c.process(ev("d", 1000), 0, 0);
-        assert_eq!(c.process(ev("d", 899), 1, 0), Outcome::Late);
+        assert_eq!(c.process(ev("d", 899), 1, 0), Outcome::Late(Late::Watermark));
         assert_eq!(
             c.process(ev("d", 900), 2, 0),
             Outcome::Buffered,
@@ -811,7 +961,7 @@ mod tests {
         c.tick(2_200);
         assert_eq!(released_ts(&mut c), vec![9_000, 10_000]);
         assert_eq!(c.min_buffered_offset(), None);
-        assert_eq!(c.process(ev("quiet", 9_500), 2, 2_300), Outcome::Late);
+        assert_eq!(c.process(ev("quiet", 9_500), 2, 2_300), Outcome::Late(Late::Released));
         assert_eq!(c.process(ev("quiet", 10_001), 3, 2_300), Outcome::Buffered);
     }
 
@@ -828,7 +978,7 @@ mod tests {
         assert_eq!(changes.pruned.last(), Some(&("d".to_owned(), 8_900)));
         assert_eq!(
             c.process(ev("d", 100), 200, 0),
-            Outcome::Late,
+            Outcome::Late(Late::Watermark),
             "a pruned identity is late, never re-emitted"
         );
     }
@@ -854,51 +1004,74 @@ mod tests {
     }
 
     #[test]
-    fn a_device_out_of_the_horizon_is_evicted_and_its_old_identities_are_late() {
-        let mut c = Cleaner::new(cfg(10, 1_000, 100));
+    fn a_silent_device_is_forgotten_by_its_own_silence_and_judged_by_its_record_when_back() {
+        let mut c = Cleaner::new(cfg_forget(10, 1_000, 100, 5_000, 1_000_000));
         c.process(ev("old", 1_000), 0, 0);
         c.tick(1_000);
         assert_eq!(released_ts(&mut c), vec![1_000], "idle flush");
-        for i in 0..5 {
-            c.process(ev("new", 5_000 + i * 100), 1 + i, 1_000);
-        }
-        c.tick(1_050);
-        assert_eq!(c.device_count(), 1, "old is forgotten, new stays");
-        assert_eq!(c.dedup_len(), 4, "old's identity went with it");
+        // Another device far ahead in event time forgets nobody: only silence does.
+        c.process(ev("ahead", 900_000_000), 1, 4_000);
+        c.tick(4_999);
+        assert_eq!(c.device_count(), 2, "old is silent 4,999 ms of 5,000: kept");
+        // Forgotten at the first tick once its bucket (a sixteenth of forget_after wide) is
+        // wholly past forget_after: between 5,000 and 5,312 ms of silence.
+        c.tick(5_400);
+        assert_eq!(c.device_count(), 1, "old is forgotten, ahead stays");
+        assert_eq!(c.forgotten_count(), 1);
+        assert_eq!(c.dedup_len(), 1, "old's identity went with it; ahead's (flushed) stays");
         let ch = c.take_changes();
-        assert_eq!(ch.evicted, vec!["old".to_owned()]);
-        assert!(
-            ch.new_keys.iter().all(|k| k.device_id == "new"),
-            "no key of a forgotten device is persisted"
-        );
+        assert_eq!(ch.forgotten, vec![("old".to_owned(), Forgotten { through: 1_000, at_ms: 5_400 })]);
+        assert!(ch.evicted.is_empty());
+        assert!(ch.new_keys.iter().all(|k| k.device_id == "ahead"));
         assert_eq!(
-            c.process(ev("old", 1_000), 9, 1_100),
-            Outcome::Late,
-            "a resend of a forgotten device's event cannot come back as new"
+            c.process(ev("old", 1_000), 9, 5_500),
+            Outcome::Late(Late::Forgotten),
+            "a resend of what it sent before it was forgotten: not new, and not a kept identity"
         );
+        assert_eq!(c.process(ev("old", 999), 9, 5_500), Outcome::Late(Late::Forgotten));
+        assert_eq!(c.forgotten_count(), 1, "a late event does not bring it back");
         assert_eq!(
-            c.process(ev("fresh", 4_500), 10, 1_100),
+            c.process(ev("old", 1_001), 10, 5_500),
             Outcome::Buffered,
-            "a new device within the horizon"
+            "anything newer than its record is judged by its own watermark"
+        );
+        assert_eq!(c.forgotten_count(), 0);
+        assert_eq!(
+            c.process(ev("old", 1_000), 11, 5_500),
+            Outcome::Late(Late::Forgotten),
+            "its record's mark holds while it is back"
         );
         assert_eq!(
-            c.process(ev("stale", 3_000), 11, 1_100),
-            Outcome::Late,
-            "a new device beyond it"
+            c.process(ev("fresh", 3_000), 12, 5_500),
+            Outcome::Buffered,
+            "a device never seen is judged from its first event, whatever the others' clocks"
+        );
+        assert_eq!(c.process(ev("fresh", 2_999), 13, 5_500), Outcome::Buffered);
+        let ch = c.take_changes();
+        assert_eq!(ch.evicted, vec!["old".to_owned()], "its record is dropped first");
+        let old = ch.devices.iter().find(|(id, _)| id == "old").map(|(_, m)| *m);
+        assert_eq!(
+            old,
+            Some(DeviceMark {
+                max_ts: 1_001,
+                released_max: 1_000
+            }),
+            "then its live mark, starting from its record"
         );
         assert_eq!(c.evicted_total(), 1);
     }
 
     #[test]
-    fn a_device_evicted_and_back_before_a_checkpoint_is_persisted_as_it_is_now() {
-        let mut c = Cleaner::new(cfg(0, 1_000, 100));
+    fn a_device_forgotten_and_back_before_a_checkpoint_is_persisted_as_it_is_now() {
+        let mut c = Cleaner::new(cfg_forget(0, 1_000, 100, 1_000, 1_000_000));
         c.process(ev("d", 1_000), 0, 0);
-        c.process(ev("e", 3_000), 1, 0);
-        c.tick(0);
+        c.process(ev("e", 3_000), 1, 900);
+        c.tick(1_100);
         assert_eq!(c.device_count(), 1, "d is forgotten");
-        assert_eq!(c.process(ev("d", 2_500), 2, 0), Outcome::Buffered, "and back");
+        assert_eq!(c.process(ev("d", 2_500), 2, 1_100), Outcome::Buffered, "and back");
         let ch = c.take_changes();
-        assert_eq!(ch.evicted, vec!["d".to_owned()], "its eviction is applied first");
+        assert_eq!(ch.evicted, vec!["d".to_owned()], "what it had is dropped first");
+        assert!(ch.forgotten.is_empty(), "no record: it is back");
         let mut keys: Vec<(&str, i64)> = ch.new_keys.iter().map(|k| (k.device_id.as_str(), k.ts)).collect();
         keys.sort_unstable();
         assert_eq!(
@@ -911,97 +1084,123 @@ mod tests {
     }
 
     #[test]
-    fn a_device_forgotten_and_back_does_not_take_its_old_events_as_new() {
-        let mut c = Cleaner::new(cfg(200, 300, 1_000));
-        let mut out = Vec::new();
+    fn a_resend_of_exactly_the_forgotten_through_event_is_late_after_the_device_is_back() {
+        let mut c = Cleaner::new(cfg_forget(200, 300, 1_000, 2_000, 1_000_000));
         assert_eq!(c.process(ev("d", 1_427), 0, 0), Outcome::Buffered);
         assert_eq!(c.process(ev("d", 1_587), 1, 0), Outcome::Buffered);
-        assert_eq!(c.process(ev("e", 1_902), 2, 0), Outcome::Buffered);
-        c.tick(5_000); // idle flush of d and e, then d (1587 < 1902 - 300) is forgotten
-        out.extend(c.drain_released());
-        assert_eq!(c.device_count(), 1, "d is forgotten");
-        assert_eq!(c.forgotten_through(), Some(1_587));
+        c.tick(1_000);
+        assert_eq!(released_ts(&mut c), vec![1_427, 1_587], "idle flush");
+        c.tick(2_200);
+        assert_eq!(c.device_count(), 0, "d is forgotten");
+        assert_eq!(c.process(ev("d", 1_602), 2, 2_200), Outcome::Buffered, "back");
         assert_eq!(
-            c.process(ev("d", 1_602), 3, 5_000),
-            Outcome::Buffered,
-            "back, within the horizon"
+            c.process(ev("d", 1_587), 3, 2_200),
+            Outcome::Late(Late::Forgotten),
+            "exactly its forgotten-through event"
         );
         assert_eq!(
-            c.process(ev("d", 1_427), 4, 5_000),
-            Outcome::Late,
-            "a resend of what it sent before it was forgotten: within its new lateness, but not new"
-        );
-        // With the horizon raised, an unknown device is still accepted only from the floor on.
-        c.set_config(cfg(200, 100_000, 1_000));
-        assert_eq!(
-            c.process(ev("g", 1_500), 5, 5_000),
-            Outcome::Late,
-            "perhaps forgotten"
-        );
-        assert_eq!(
-            c.process(ev("f", 1_588), 6, 5_000),
-            Outcome::Buffered,
-            "above the floor: new"
+            c.process(ev("d", 1_427), 4, 2_200),
+            Outcome::Late(Late::Forgotten),
+            "within its new lateness, but sent before it was forgotten"
         );
         c.tick(10_000);
-        out.extend(c.drain_released());
-        let d: Vec<i64> = out
-            .iter()
-            .filter(|r| r.event.device_id == "d")
-            .map(|r| r.event.ts)
-            .collect();
-        assert_eq!(d, vec![1_427, 1_587, 1_602]);
-        assert_eq!(c.take_changes().forgotten_through, Some(1_587), "recorded once");
-        assert_eq!(c.take_changes().forgotten_through, None);
+        assert_eq!(released_ts(&mut c), vec![1_602]);
     }
 
     #[test]
-    fn a_device_with_waiting_events_is_not_evicted_until_flushed() {
-        let mut c = Cleaner::new(cfg(10, 1_000, 500));
+    fn a_forgotten_record_expires_after_its_retention_and_the_device_is_new_again() {
+        let mut c = Cleaner::new(cfg_forget(10, 1_000, 100, 1_000, 5_000));
+        c.process(ev("d", 1_000), 0, 0);
+        c.tick(1_100);
+        released_ts(&mut c);
+        assert_eq!(c.forgotten_count(), 1);
+        c.take_changes();
+        c.tick(6_000);
+        assert_eq!(c.forgotten_count(), 1, "kept for its retention");
+        c.tick(6_200);
+        assert_eq!(c.forgotten_count(), 0, "then dropped");
+        let ch = c.take_changes();
+        assert_eq!(ch.evicted, vec!["d".to_owned()], "the persisted record goes too");
+        assert_eq!(
+            c.process(ev("d", 1_000), 1, 6_200),
+            Outcome::Buffered,
+            "the documented cost: past the retention, an old event of it is new"
+        );
+    }
+
+    #[test]
+    fn a_device_that_keeps_sending_is_never_forgotten_whatever_the_others_do() {
+        let mut c = Cleaner::new(cfg_forget(10, 1_000, 100, 1_000, 1_000_000));
+        for i in 0..50u64 {
+            c.process(ev("steady", 1_000 + i as i64), i as i64, i * 500);
+            c.process(ev("jumpy", 10i64.pow(15) + i as i64 * 10i64.pow(12)), 100 + i as i64, i * 500);
+            c.tick(i * 500 + 200);
+        }
+        assert_eq!(c.device_count(), 2);
+        assert_eq!(c.forgotten_count(), 0);
+    }
+
+    #[test]
+    fn a_device_with_waiting_events_is_not_forgotten_until_flushed() {
+        let mut c = Cleaner::new(cfg_forget(10, 1_000, 5_000, 1_000, 1_000_000));
         c.process(ev("slow", 1_000), 0, 0);
-        c.process(ev("fast", 5_000), 1, 0);
-        c.tick(100);
-        assert_eq!(c.device_count(), 2, "slow still waits in its buffer");
-        c.tick(600);
-        let mut out = released_ts(&mut c);
-        out.sort();
-        assert_eq!(out, vec![1_000, 5_000], "idle flush of both");
-        assert_eq!(c.device_count(), 1, "flushed and far behind: evicted right after");
+        c.tick(1_500);
+        assert_eq!(c.device_count(), 1, "silent past forget_after, but its event still waits");
+        c.tick(5_000);
+        assert_eq!(released_ts(&mut c), vec![1_000], "idle flush");
+        assert_eq!(c.device_count(), 0, "flushed and silent: forgotten right after");
     }
 
     #[test]
-    fn restored_devices_are_evicted_by_the_same_rule() {
-        let marks = vec![
-            (
-                "a".to_owned(),
-                DeviceMark {
-                    max_ts: 1_000,
-                    released_max: 1_000,
-                },
-            ),
-            (
-                "b".to_owned(),
-                DeviceMark {
-                    max_ts: 9_000,
-                    released_max: 8_000,
-                },
-            ),
-        ];
+    fn restored_devices_and_records_are_judged_by_the_same_rules() {
+        let marks = vec![(
+            "a".to_owned(),
+            DeviceMark {
+                max_ts: 1_000,
+                released_max: 1_000,
+            },
+        )];
         let keys = vec![SeenKey {
             device_id: "a".into(),
             ts: 1_000,
-            latitude_bits: 0,
-            longitude_bits: 0,
+            latitude_bits: 1.0f64.to_bits(),
+            longitude_bits: 2.0f64.to_bits(),
         }];
-        let mut c = Cleaner::restore(cfg(10, 1_000, 500), marks, keys, 0);
+        let records = vec![("b".to_owned(), Forgotten { through: 9_000, at_ms: 50 })];
+        let mut c = Cleaner::restore(cfg_forget(10, 1_000, 500, 1_000, 10_000), marks, keys, 100).with_forgotten(records);
+        assert_eq!(c.process(ev("a", 1_000), 0, 100), Outcome::Duplicate);
+        assert_eq!(c.process(ev("b", 9_000), 1, 100), Outcome::Late(Late::Forgotten));
+        assert_eq!(c.process(ev("c", 2), 2, 100), Outcome::Buffered, "new, whatever its clock");
+        c.tick(1_099);
+        assert_eq!(c.device_count(), 2, "a restored device counts as arrived at the restore");
+        assert_eq!(released_ts(&mut c), vec![2], "c was flushed");
+        c.tick(1_200);
+        assert_eq!(c.device_count(), 0, "both silent past forget_after");
+        let ch = c.take_changes();
+        assert_eq!(ch.forgotten.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["a", "c"]);
+        c.tick(10_200);
+        assert_eq!(c.forgotten_count(), 2, "b's record expires by when it was made: a and c kept");
+        assert_eq!(c.take_changes().evicted, vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn a_former_partition_floor_holds_for_unknown_devices_until_it_expires() {
+        let config = cfg_forget(10, 1_000, 500, 1_000, 10_000);
+        let mut c = Cleaner::restore(config, Vec::new(), Vec::new(), 100).with_former_floor(Some(5_000), None, 100);
+        assert_eq!(c.former_floor(), Some(FormerFloor { through: 5_000, until_ms: 10_100 }));
         assert_eq!(
-            c.process(ev("c", 2_000), 0, 0),
-            Outcome::Late,
-            "the partition's newest time was restored"
+            c.take_changes().former_floor,
+            Some(FormerFloor { through: 5_000, until_ms: 10_100 }),
+            "its expiry is recorded once"
         );
-        c.tick(0);
-        assert_eq!(c.device_count(), 1);
-        assert_eq!(c.take_changes().evicted, vec!["a".to_owned()]);
+        assert_eq!(c.process(ev("x", 5_000), 0, 100), Outcome::Late(Late::Forgotten));
+        assert_eq!(c.process(ev("x", 5_001), 1, 100), Outcome::Buffered);
+        assert_eq!(c.process(ev("x", 4_999), 2, 100), Outcome::Late(Late::Forgotten));
+        c.tick(10_100);
+        assert_eq!(c.former_floor(), None);
+        assert_eq!(c.process(ev("y", 4_000), 3, 10_100), Outcome::Buffered, "expired");
+        let expired = Cleaner::restore(config, Vec::new(), Vec::new(), 20_000).with_former_floor(Some(5_000), Some(10_100), 20_000);
+        assert_eq!(expired.former_floor(), None, "a restore after its expiry drops it");
     }
 
     /// A stream: distinct events per device (strictly increasing ts), delivered reordered within
@@ -1160,7 +1359,7 @@ mod tests {
             let mut c = Cleaner::new(cfg(500, 600_000, 1_000));
             let mut late_seen = 0;
             for (i, e) in arrivals.iter().enumerate() {
-                if c.process(e.clone(), i as i64, 0) == Outcome::Late {
+                if matches!(c.process(e.clone(), i as i64, 0), Outcome::Late(_)) {
                     prop_assert_eq!(e, &late);
                     late_seen += 1;
                 }
@@ -1218,7 +1417,7 @@ mod tests {
             let mut c = Cleaner::restore(config, changes.devices, keys, 0);
             for (i, e) in arrivals.iter().enumerate().skip(resume as usize) {
                 let outcome = c.process(e.clone(), i as i64, 0);
-                prop_assert!(outcome != Outcome::Late, "replayed {e:?} became late");
+                prop_assert!(!matches!(outcome, Outcome::Late(_)), "replayed {e:?} became late");
             }
             c.tick(1_000);
             emitted.extend(c.drain_released());
@@ -1258,7 +1457,7 @@ mod tests {
                 if cuts.contains(&i) {
                     (committed_emitted, resume, decided) = checkpoint(&mut b, &mut persisted, &emitted, i);
                 }
-                if b.process(arrivals[i].clone(), i as i64, now(i)) == Outcome::Late {
+                if matches!(b.process(arrivals[i].clone(), i as i64, now(i)), Outcome::Late(_)) {
                     late.push((i, (arrivals[i].device_id.clone(), arrivals[i].ts)));
                 }
                 if ticks_at(i) { b.tick(now(i)); }
@@ -1275,7 +1474,7 @@ mod tests {
             for i in resume..n {
                 let outcome = r.process(arrivals[i].clone(), i as i64, now(i));
                 // A decision below `decided` was committed before: not dead-lettered twice.
-                if outcome == Outcome::Late && i >= decided {
+                if matches!(outcome, Outcome::Late(_)) && i >= decided {
                     late.push((i, (arrivals[i].device_id.clone(), arrivals[i].ts)));
                 }
                 if ticks_at(i) && i >= crash_at { r.tick(now(i)); }
@@ -1304,6 +1503,7 @@ mod tests {
     struct Persisted {
         marks: HashMap<String, DeviceMark>,
         keys: BTreeMap<(String, i64), (u64, u64)>,
+        forgotten: HashMap<String, Forgotten>,
     }
 
     impl Persisted {
@@ -1311,8 +1511,15 @@ mod tests {
             for d in ch.evicted {
                 self.marks.remove(&d);
                 self.keys.retain(|(dev, _), _| *dev != d);
+                self.forgotten.remove(&d);
+            }
+            for (d, f) in ch.forgotten {
+                self.marks.remove(&d);
+                self.keys.retain(|(dev, _), _| *dev != d);
+                self.forgotten.insert(d, f);
             }
             for (d, m) in ch.devices {
+                self.forgotten.remove(&d);
                 self.marks.insert(d, m);
             }
             for k in ch.new_keys {
@@ -1336,7 +1543,7 @@ mod tests {
                     longitude_bits: *lon,
                 })
                 .collect();
-            Cleaner::restore(config, marks, keys, now)
+            Cleaner::restore(config, marks, keys, now).with_forgotten(self.forgotten.clone())
         }
     }
 

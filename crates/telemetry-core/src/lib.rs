@@ -5,5 +5,7 @@ pub mod cleanup;
 pub mod event;
 
 pub use batch::{balanced_chunks, Batcher};
-pub use cleanup::{Changes, Cleaner, CleanupConfig, DeviceMark, Outcome, Released, SeenKey};
+pub use cleanup::{
+    Changes, Cleaner, CleanupConfig, DeviceMark, Forgotten, FormerFloor, Late, Outcome, Released, SeenKey,
+};
 pub use event::{parse_batch, Event, EventKey, ParseError, StoredEvent, ValidationError};
