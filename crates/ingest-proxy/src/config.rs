@@ -41,6 +41,11 @@ pub struct Settings {
     /// Unset means open, as the exercise has it.
     #[arg(long, env = "INGEST_TOKEN", hide_env_values = true)]
     pub ingest_token: Option<String>,
+    /// Largest amount an event's ts may be ahead of this proxy's clock (ms; default one day);
+    /// beyond it the event gets 400 naming `ts` (a client sending microseconds, or with a clock
+    /// far off).
+    #[arg(long, env = "MAX_FUTURE_SKEW_MS", default_value_t = 86_400_000)]
+    pub max_future_skew_ms: i64,
     /// How often `/readyz` re-checks the broker, in milliseconds.
     #[arg(long, env = "READY_CHECK_INTERVAL_MS", default_value_t = 1_000)]
     pub ready_check_interval_ms: u64,

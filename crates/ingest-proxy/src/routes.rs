@@ -105,6 +105,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+impl AppState {
+    /// The event, unless its ts is more than `MAX_FUTURE_SKEW_MS` ahead of this clock.
+    fn not_ahead(&self, event: Event, index: Option<usize>) -> Result<Event, ApiError> {
+        self.not_ahead_at(event, index, wall_clock_ms())
+    }
+
+    fn not_ahead_at(&self, event: Event, index: Option<usize>, now_ms: i64) -> Result<Event, ApiError> {
+        match event.check_not_ahead(now_ms, self.settings.max_future_skew_ms) {
+            Ok(()) => Ok(event),
+            Err(e) => Err(ApiError::invalid(&e, index)),
+        }
+    }
+}
+
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 fn unavailable(err: &PublishError, settings: &Settings) -> ApiError {
     ApiError::unavailable(err.to_string(), settings.retry_after_secs)
 }
@@ -118,7 +138,10 @@ async fn post_event(
     require_token(&state, &parts.headers)?;
     require_json(&parts.headers, false)?;
     let bytes = state.settings.http.read_body(body).await?;
-    let event = Event::from_json(&bytes).inspect_err(|_| crate::metrics::events(Outcome::Invalid, 1))?;
+    let event = Event::from_json(&bytes)
+        .map_err(ApiError::from)
+        .and_then(|e| state.not_ahead(e, None))
+        .inspect_err(|_| crate::metrics::events(Outcome::Invalid, 1))?;
     match state.publisher.publish_one(&event).await {
         Ok(ack) => {
             crate::metrics::events(Outcome::Accepted, 1);
@@ -189,7 +212,12 @@ async fn post_batch(
     require_token(&state, &headers)?;
     let kind = require_json(&headers, true)?;
     let bytes = state.settings.http.read_body(body).await?;
-    let items = parse_items(&bytes, kind)?;
+    let now = wall_clock_ms();
+    let items: Vec<Result<Event, ApiError>> = parse_items(&bytes, kind)?
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| item.and_then(|e| state.not_ahead_at(e, Some(index), now)))
+        .collect();
     if items.len() > state.settings.http.max_batch_len {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -1498,6 +1498,176 @@ mod tests {
         }
     }
 
+    /// A fleet whose device clocks disagree: each device's ts runs at an offset of its own
+    /// (minutes to days behind or ahead, or microseconds instead of milliseconds), while their
+    /// arrivals (processing time) interleave. Each device sends in-time reordering, resends,
+    /// conflicting resends, events far behind, and pauses long enough to be flushed, forgotten
+    /// and (rarely) to outlive its record. Returns arrivals as (processing time, event) in
+    /// arrival order.
+    fn fleet(lateness: i64) -> impl Strategy<Value = Vec<(u64, Event)>> {
+        let offset = prop_oneof![
+            Just(0i64),
+            Just(-11 * 60_000),
+            Just(17 * 60_000),
+            Just(-3 * 86_400_000),
+            Just(2 * 86_400_000),
+            Just(1_700_000_000_000i64 * 999), // microseconds
+        ];
+        let steps = prop::collection::vec((1u64..400, 0..=lateness, 0u8..24), 1..40);
+        (prop::collection::vec((offset, steps), 1..6), any::<u64>()).prop_map(move |(devs, seed)| {
+            let mut rng = seed | 1;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let mut arrivals: Vec<(u64, u64, Event)> = Vec::new();
+            for (d, (offset, steps)) in devs.iter().enumerate() {
+                let mut t = next() % 3_000;
+                let mut ts = 1_700_000_000_000 + offset;
+                for &(gap, delay, kind) in steps {
+                    t += gap;
+                    ts += gap as i64;
+                    if kind == 23 {
+                        // Silent long enough to be forgotten, or even to outlive its record.
+                        let pause = if next() % 4 == 0 { 40_000 } else { 4_000 };
+                        t += pause;
+                        ts += pause as i64;
+                    }
+                    let e = Event {
+                        device_id: format!("dev-{d}"),
+                        ts,
+                        latitude: (ts % 90) as f64,
+                        longitude: -((ts % 180) as f64),
+                    };
+                    let at = t + delay as u64;
+                    arrivals.push((at, next(), e.clone()));
+                    match kind {
+                        0..=3 => arrivals.push((at + next() % 3_000, next(), e.clone())),
+                        4 => {
+                            let mut moved = e.clone();
+                            moved.latitude += 1.0;
+                            arrivals.push((at + next() % 800, next(), moved));
+                        }
+                        5 => {
+                            let mut old = e.clone();
+                            old.ts -= lateness + 1 + (next() % 3_000) as i64;
+                            arrivals.push((at + 1, next(), old));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            arrivals.sort_by_key(|a| (a.0, a.1));
+            arrivals.into_iter().map(|(at, _, e)| (at, e)).collect()
+        })
+    }
+
+    /// Runs arrivals through one cleaner, ticking after every fifth arrival and at the end;
+    /// `only` keeps one device's arrivals (the ticks stay). Returns each kept arrival's outcome
+    /// by arrival index, and each device's released events in order.
+    fn run_fleet(
+        config: CleanupConfig,
+        arrivals: &[(u64, Event)],
+        only: Option<&str>,
+    ) -> (Vec<(usize, Outcome)>, HashMap<String, Vec<Released>>) {
+        let mut c = Cleaner::new(config);
+        let mut outcomes = Vec::new();
+        let mut released: HashMap<String, Vec<Released>> = HashMap::new();
+        let mut collect = |c: &mut Cleaner| {
+            for r in c.drain_released() {
+                released.entry(r.event.device_id.clone()).or_default().push(r);
+            }
+        };
+        for (i, (at, e)) in arrivals.iter().enumerate() {
+            if only.is_none_or(|d| d == e.device_id) {
+                outcomes.push((i, c.process(e.clone(), i as i64, *at)));
+            }
+            if i % 5 == 4 {
+                c.tick(*at);
+            }
+            collect(&mut c);
+        }
+        let end = arrivals.last().map_or(0, |a| a.0);
+        c.tick(end + 100_000);
+        collect(&mut c);
+        (outcomes, released)
+    }
+
+    proptest! {
+        /// Per-device semantics: in a partition shared with devices whose clocks are minutes to
+        /// days apart, or in microseconds, every event of a device has the fate, and the device
+        /// the output, it would have alone in the partition.
+        #[test]
+        fn each_device_gets_what_it_would_get_alone_whatever_the_others_clocks(
+            arrivals in fleet(300),
+            forget_after in prop_oneof![Just(1_000u64), Just(3_000), Just(600_000)],
+            retention in prop_oneof![Just(20_000u64), Just(u64::MAX / 4)],
+        ) {
+            let config = cfg_forget(300, 2_000, 500, forget_after, retention);
+            let (together, mut released) = run_fleet(config, &arrivals, None);
+            let mut devices: Vec<String> = arrivals.iter().map(|(_, e)| e.device_id.clone()).collect();
+            devices.sort_unstable();
+            devices.dedup();
+            for d in &devices {
+                let (alone, mut alone_released) = run_fleet(config, &arrivals, Some(d));
+                let mine: Vec<(usize, Outcome)> = together
+                    .iter()
+                    .filter(|(i, _)| arrivals[*i].1.device_id == *d)
+                    .copied()
+                    .collect();
+                prop_assert_eq!(&mine, &alone, "{} judged otherwise beside the others", d);
+                prop_assert_eq!(released.remove(d), alone_released.remove(d), "{} released otherwise", d);
+                let stored = mine.iter().filter(|(_, o)| *o == Outcome::Buffered).count();
+                let distinct: HashSet<i64> = arrivals.iter().filter(|(_, e)| e.device_id == *d).map(|(_, e)| e.ts).collect();
+                prop_assert!(stored > 0 && stored <= distinct.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_device_behind_the_others_and_a_device_new_after_a_far_future_event_store_everything() {
+        let mut c = Cleaner::new(CleanupConfig::default());
+        let base = 1_700_000_000_000i64;
+        let mut stored: HashMap<&str, usize> = HashMap::new();
+        let mut offset = 0;
+        let mut send = |c: &mut Cleaner, d: &'static str, ts: i64, now: u64| {
+            offset += 1;
+            if c.process(ev(d, ts), offset, now) == Outcome::Buffered {
+                *stored.entry(d).or_default() += 1;
+            }
+        };
+        for i in 0..300i64 {
+            let now = i as u64 * 100;
+            for d in ["h1", "h2", "h3", "h4"] {
+                send(&mut c, d, base + i * 100, now);
+            }
+            send(&mut c, "behind", base - 11 * 60_000 + i * 100, now);
+            if i == 100 {
+                send(&mut c, "micros", (base + i * 100) * 1_000, now);
+            }
+            if i >= 150 {
+                send(&mut c, "newcomer", base + i * 100, now);
+            }
+            c.tick(now);
+        }
+        // A pause of 12 s, then the healthy devices go on.
+        for i in 300..600i64 {
+            let now = 12_000 + i as u64 * 100;
+            for d in ["h1", "h2", "h3", "h4"] {
+                send(&mut c, d, base + i * 100, now);
+            }
+            c.tick(now);
+        }
+        c.tick(u64::MAX / 2);
+        assert_eq!(stored["behind"], 300, "11 minutes behind the others");
+        assert_eq!(stored["newcomer"], 150, "new after a far-future event");
+        for d in ["h1", "h2", "h3", "h4"] {
+            assert_eq!(stored[d], 600, "{d}");
+        }
+    }
+
     /// What a chain of checkpoints persists, rebuilt from their changes.
     #[derive(Debug, Default)]
     struct Persisted {

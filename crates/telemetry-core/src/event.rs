@@ -58,6 +58,18 @@ impl Event {
         Ok(())
     }
 
+    /// Refuses a ts more than `skew_ms` ahead of `now_ms` (the receiver's clock, epoch ms): a
+    /// client that sends microseconds, or whose clock is far off, learns it at once.
+    pub fn check_not_ahead(&self, now_ms: i64, skew_ms: i64) -> Result<(), ValidationError> {
+        if self.ts > now_ms.saturating_add(skew_ms) {
+            return Err(ValidationError::new(
+                "ts",
+                "must not be more than MAX_FUTURE_SKEW_MS ahead of the receiver's clock (epoch milliseconds, not microseconds)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses and validates one event from JSON text.
     pub fn from_json(bytes: &[u8]) -> Result<Event, ParseError> {
         // Fast path: straight into the typed struct. Anything it refuses goes through the

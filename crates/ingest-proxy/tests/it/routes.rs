@@ -154,3 +154,41 @@ async fn with_a_long_request_timeout_the_produce_deadline_answers_503() {
         start.elapsed()
     );
 }
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis() as i64
+}
+
+#[tokio::test]
+async fn a_ts_more_than_max_future_skew_ahead_gets_400_naming_ts_and_one_within_it_passes() {
+    let proxy = route_proxy_with(|s| s.max_future_skew_ms = 3_600_000);
+    let micros = now_ms() * 1_000;
+    let answer = proxy
+        .post_json("/event", event("d", micros).to_string())
+        .await
+        .json_with(StatusCode::BAD_REQUEST);
+    assert_eq!(answer["error"], "invalid_event");
+    assert_eq!(answer["field"], "ts");
+    assert!(
+        answer["message"].as_str().is_some_and(|m| m.contains("MAX_FUTURE_SKEW_MS")),
+        "{answer}"
+    );
+    // Within the skew (half an hour ahead) it passes validation: no broker here, so 503.
+    let ahead = proxy
+        .post_json("/event", event("d", now_ms() + 1_800_000).to_string())
+        .await;
+    assert_eq!(ahead.status, StatusCode::SERVICE_UNAVAILABLE);
+    // In a batch, the item is named with its index and the others are taken.
+    let batch = json!([event("d", now_ms()), event("d", now_ms() + 7_200_000)]);
+    let answer = proxy
+        .post_json("/events/batch", batch.to_string())
+        .await
+        .json_with(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer["invalid"], 1);
+    assert_eq!(answer["results"][1]["field"], "ts");
+    assert_eq!(answer["results"][1]["index"], 1);
+    assert_eq!(answer["results"][0]["status"], "unavailable");
+}
