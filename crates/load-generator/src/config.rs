@@ -92,4 +92,12 @@ pub struct VerifySettings {
     /// Only count stored events whose deviceId starts with this prefix (others are ignored).
     #[arg(long)]
     pub device_prefix: Option<String>,
+    /// Kafka brokers: when set, the dead-letter topic is read (read_committed) and every
+    /// acknowledged event is accounted for as stored, dropped as a duplicate, or dead-lettered
+    /// with its reason; without it, a dead-lettered event counts as missing.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// The processor's dead-letter topic.
+    #[arg(long, env = "DLQ_TOPIC", default_value = "telemetry-events-dlq")]
+    pub dlq_topic: String,
 }

@@ -1,14 +1,17 @@
 //! `verify`: compares a manifest with what ingest-api stored: missing, duplicated, per-device
 //! order violations, and stored events nobody sent; and the end-to-end latency, from each
 //! event's first acknowledgement (the manifest's `ackedAt`) to the row's `receivedAt` (both
-//! clocks are the same when everything runs on one machine).
+//! clocks are the same when everything runs on one machine). With the brokers given, it also
+//! reads the dead-letter topic, so every acknowledged event is accounted for: stored, dropped as
+//! a duplicate, or dead-lettered with its reason; `missing` is what is none of these.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::config::VerifySettings;
+use crate::dlq::{DeadLetter, DlqReader};
 use crate::events::EventsClient;
 
 /// The comparison.
@@ -22,6 +25,17 @@ pub struct Report {
     pub unexpected: usize,
     /// Milliseconds from acknowledgement to storage: p50, p99, max (None when nothing to measure).
     pub latency_ms: Option<(i64, i64, i64)>,
+    /// Acknowledged sends (an identity sent twice and acknowledged twice counts twice).
+    pub acknowledged: usize,
+    /// Acknowledged sends of a stored identity beyond its stored row that were not
+    /// dead-lettered: dropped by the processor as duplicates.
+    pub dropped_duplicates: usize,
+    /// Acknowledged identities not stored but dead-lettered (by `reason: detail`).
+    pub dead_lettered: BTreeMap<String, usize>,
+    /// Dead letters of identities that were also stored (resends judged late), by reason.
+    pub resends_dead_lettered: BTreeMap<String, usize>,
+    /// Whether the dead-letter topic was read.
+    pub dlq_read: bool,
 }
 
 impl Report {
@@ -41,6 +55,8 @@ pub struct Manifest {
     pub allowed: HashSet<Key>,
     /// The first acknowledgement of each identity, unix ms (lines that carry one).
     pub acked_at: HashMap<Key, i64>,
+    /// Acknowledged sends of each identity.
+    pub sends: HashMap<Key, usize>,
 }
 
 /// Reads a manifest written by a load run.
@@ -63,6 +79,7 @@ pub fn read_manifest(text: &str) -> anyhow::Result<Manifest> {
                 let first = m.acked_at.entry(key.clone()).or_insert(at);
                 *first = (*first).min(at);
             }
+            *m.sends.entry(key.clone()).or_insert(0) += 1;
             m.expected.insert(key.clone());
         }
         m.allowed.insert(key);
@@ -127,11 +144,82 @@ async fn fetch_all(client: &EventsClient, prefix: Option<&str>) -> anyhow::Resul
         .collect())
 }
 
-fn report(stored: &[Row], m: &Manifest) -> Report {
+/// Accounts for every acknowledged send: an identity stored once takes one send, and each of
+/// its other sends was dead-lettered (as many as its dead letters) or dropped as a duplicate; an
+/// identity not stored but dead-lettered is counted by its first dead letter's reason, and is
+/// no longer missing.
+pub fn account(r: &mut Report, stored: &[Key], m: &Manifest, dead: &[DeadLetter]) {
+    let stored: HashSet<&Key> = stored.iter().collect();
+    let mut letters: HashMap<Key, Vec<&str>> = HashMap::new();
+    for d in dead {
+        letters.entry((d.device_id.clone(), d.ts)).or_default().push(&d.why);
+    }
+    r.dlq_read = true;
+    for (key, sends) in &m.sends {
+        r.acknowledged += sends;
+        let why = letters.get(key).map(Vec::as_slice).unwrap_or_default();
+        if stored.contains(key) {
+            for w in why.iter().take(sends.saturating_sub(1)) {
+                *r.resends_dead_lettered.entry((*w).to_owned()).or_insert(0) += 1;
+            }
+            r.dropped_duplicates += sends.saturating_sub(1 + why.len());
+        } else if let Some(first) = why.first() {
+            *r.dead_lettered.entry((*first).to_owned()).or_insert(0) += 1;
+            r.dropped_duplicates += sends.saturating_sub(why.len());
+            r.missing -= 1;
+        }
+    }
+}
+
+fn report(stored: &[Row], m: &Manifest, dead: Option<&[DeadLetter]>) -> Report {
     let keys: Vec<Key> = stored.iter().map(|(k, _)| k.clone()).collect();
-    Report {
+    let mut r = Report {
         latency_ms: latency(stored, &m.acked_at),
         ..compare(&keys, &m.expected, &m.allowed)
+    };
+    if let Some(dead) = dead {
+        account(&mut r, &keys, m, dead);
+    }
+    r
+}
+
+/// The dead letters of devices starting with `prefix`, read so far, and a reader to read more.
+struct Letters {
+    reader: Option<DlqReader>,
+    read: Vec<DeadLetter>,
+    prefix: Option<String>,
+}
+
+impl Letters {
+    async fn open(s: &VerifySettings) -> anyhow::Result<Letters> {
+        let reader = match &s.brokers {
+            Some(brokers) => {
+                let (brokers, topic) = (brokers.clone(), s.dlq_topic.clone());
+                Some(tokio::task::spawn_blocking(move || DlqReader::open(&brokers, &topic)).await??)
+            }
+            None => None,
+        };
+        Ok(Letters {
+            reader,
+            read: Vec::new(),
+            prefix: s.device_prefix.clone(),
+        })
+    }
+
+    async fn catch_up(&mut self) -> anyhow::Result<Option<&[DeadLetter]>> {
+        let Some(mut reader) = self.reader.take() else {
+            return Ok(None);
+        };
+        let (reader, more) = tokio::task::spawn_blocking(move || {
+            let more = reader.catch_up();
+            (reader, more)
+        })
+        .await?;
+        self.reader = Some(reader);
+        let prefix = self.prefix.as_deref();
+        self.read
+            .extend(more?.into_iter().filter(|d| prefix.is_none_or(|p| d.device_id.starts_with(p))));
+        Ok(Some(&self.read))
     }
 }
 
@@ -140,16 +228,17 @@ pub async fn verify(s: &VerifySettings) -> anyhow::Result<Report> {
     let text = std::fs::read_to_string(&s.manifest)?;
     let m = read_manifest(&text)?;
     let client = EventsClient::new(&s.api);
+    let mut letters = Letters::open(s).await?;
     let deadline = Instant::now() + Duration::from_secs(s.wait_secs);
     loop {
         let stored = fetch_all(&client, s.device_prefix.as_deref()).await?;
-        let r = report(&stored, &m);
+        let r = report(&stored, &m, letters.catch_up().await?);
         if r.missing == 0 || Instant::now() >= deadline {
             if r.missing == 0 && s.wait_secs > 0 {
                 // Give stragglers (duplicates that should not exist) a moment to show up.
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let stored = fetch_all(&client, s.device_prefix.as_deref()).await?;
-                return Ok(report(&stored, &m));
+                return Ok(report(&stored, &m, letters.catch_up().await?));
             }
             return Ok(r);
         }
@@ -187,6 +276,40 @@ mod tests {
         stored.push((k("z", 1), 5_000)); // no acknowledgement time: not measured
         assert_eq!(latency(&stored, &acked), Some((490, 980, 990)));
         assert_eq!(latency(&[], &acked), None);
+    }
+
+    fn letter(d: &str, ts: i64, why: &str) -> DeadLetter {
+        DeadLetter {
+            device_id: d.to_owned(),
+            ts,
+            why: why.to_owned(),
+        }
+    }
+
+    #[test]
+    fn every_acknowledged_send_is_stored_dropped_as_a_duplicate_or_dead_lettered() {
+        let lines = [("a", 1), ("a", 1), ("a", 2), ("b", 1), ("b", 1), ("b", 2), ("c", 1), ("c", 1), ("c", 1)];
+        let text: String = lines
+            .iter()
+            .map(|(d, ts)| format!("{{\"deviceId\":\"{d}\",\"ts\":{ts},\"status\":\"accepted\"}}\n"))
+            .collect();
+        let m = read_manifest(&text).expect("manifest parses");
+        let stored = vec![k("a", 1), k("a", 2), k("c", 1)];
+        let dead = vec![
+            letter("b", 1, "late: below the watermark"),
+            letter("b", 1, "late: below the watermark"),
+            letter("c", 1, "late: forgotten"),
+            letter("z", 9, "late: below the watermark"),
+        ];
+        let mut r = compare(&stored, &m.expected, &m.allowed);
+        assert_eq!(r.missing, 2, "b@1 and b@2, before the dead letters are read");
+        account(&mut r, &stored, &m, &dead);
+        assert_eq!(r.acknowledged, 9);
+        assert_eq!(r.missing, 1, "b@2: neither stored nor dead-lettered");
+        assert_eq!(r.dead_lettered, BTreeMap::from([("late: below the watermark".to_owned(), 1)]));
+        assert_eq!(r.resends_dead_lettered, BTreeMap::from([("late: forgotten".to_owned(), 1)]));
+        assert_eq!(r.dropped_duplicates, 2, "a@1's second send and c@1's third");
+        assert!(!r.clean(), "b@2 is missing");
     }
 
     #[test]

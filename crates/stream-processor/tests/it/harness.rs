@@ -210,6 +210,19 @@ impl Harness {
         }
     }
 
+    /// The value of a gauge or counter on `name`'s `/metrics` (summed over its series), when it
+    /// is there.
+    pub(crate) async fn metric(&self, name: &str, metric: &str) -> Option<f64> {
+        let port = self.admin_ports.get(name).copied().unwrap_or(0);
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
     /// Waits up to 20 s until `name`'s `/readyz` answers 503; `what` says why it should.
     pub(crate) async fn wait_unready(&self, name: &str, what: &str) {
         let start = Instant::now();

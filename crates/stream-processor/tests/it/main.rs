@@ -2,6 +2,7 @@
 //! processes, the real ingest-api over HTTP.
 
 mod cli;
+mod clocks;
 mod exactly_once;
 mod harness;
 mod scale_out;
