@@ -62,6 +62,8 @@ pub struct PartitionState {
     /// (`Cleaner::with_former_floor`), and until when it holds once a restore set that.
     pub forgotten_through: Option<i64>,
     pub forgotten_through_until: Option<u64>,
+    /// The last commit's writer clock ([`Commit::clock_ms`]).
+    pub clock_ms: Option<u64>,
 }
 
 /// A set of offsets as disjoint ranges `[start, end)`: the events waiting in reorder buffers,
@@ -235,6 +237,7 @@ impl PartitionState {
                 self.decided_offset = c.decided_offset;
                 self.next_seq = c.next_seq;
                 self.waiting_known = c.waiting_known;
+                self.clock_ms = c.clock_ms;
                 if let Some(acked) = c.acked_through {
                     self.outbox = self.outbox.split_off(&(acked + 1));
                 }
@@ -300,6 +303,7 @@ impl PartitionState {
             next_seq: self.next_seq,
             acked_through: None,
             waiting_known: self.waiting_known,
+            clock_ms: self.clock_ms,
         }));
         records
     }
@@ -439,6 +443,11 @@ pub struct Commit {
     /// they were introduced; absent in an older changelog).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting_known: bool,
+    /// The writer's processing time at the checkpoint (ms): a restore measures the age of the
+    /// state's processing times (when a device was forgotten) from it, so another machine's
+    /// clock, or the time no owner ran, does not age them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_ms: Option<u64>,
 }
 
 /// One changelog record.
@@ -485,6 +494,7 @@ struct Wire<'a> {
     acked_through: Option<i64>,
     #[serde(default)]
     waiting_known: bool,
+    clock_ms: Option<u64>,
 }
 
 /// A record that could not be read.
@@ -604,6 +614,7 @@ impl Record {
                 next_seq: w.next_seq.ok_or_else(|| missing("next_seq"))?,
                 acked_through: w.acked_through,
                 waiting_known: w.waiting_known,
+                clock_ms: w.clock_ms,
             }),
             other => {
                 return Err(err(serde_json::Error::unknown_variant(
@@ -634,6 +645,7 @@ mod tests {
             next_seq,
             acked_through: acked,
             waiting_known: true,
+            clock_ms: Some(1_700_000_000_000),
         })
     }
 

@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
-use telemetry_core::{balanced_chunks, Batcher, Cleaner, CleanupConfig, Event, Outcome};
+use telemetry_core::{balanced_chunks, Batcher, Cleaner, CleanupConfig, Event, Forgotten, Outcome};
 
 use crate::changelog::{batch_id, Commit, OffsetRanges, OutboxBatch, PartitionState, Record, StateDelta};
 
@@ -183,7 +183,22 @@ impl Partition {
     ) -> Partition {
         let keys = state.seen_keys();
         let marks = state.marks.into_iter().collect();
-        let former = (state.forgotten_through, state.forgotten_through_until);
+        // Processing times in the state keep their age as of the last checkpoint: the writer's
+        // clock and this one may differ, and no time passes for them while no owner runs.
+        let rebase = |at: u64| match state.clock_ms {
+            Some(then) => now.saturating_sub(then.saturating_sub(at)),
+            None => at.min(now),
+        };
+        let forgotten: Vec<_> = state
+            .forgotten
+            .into_iter()
+            .map(|(id, f)| (id, Forgotten { at_ms: rebase(f.at_ms), ..f }))
+            .collect();
+        let until = state.forgotten_through_until.map(|until| match state.clock_ms {
+            Some(then) => now.saturating_add(until.saturating_sub(then)),
+            None => until,
+        });
+        let former = (state.forgotten_through, until);
         let resume = state.resume_offset.unwrap_or(0);
         let replay = (state.decided_offset > resume).then(|| Replay {
             until: state.decided_offset,
@@ -191,7 +206,7 @@ impl Partition {
         });
         Partition {
             cleaner: Cleaner::restore(cfg.cleanup, marks, keys, now)
-                .with_forgotten(state.forgotten)
+                .with_forgotten(forgotten)
                 .with_former_floor(former.0, former.1, now),
             force_snapshot: state.resume_offset.is_some() && !state.waiting_known,
             replay,
@@ -642,6 +657,7 @@ impl Partition {
             resume_offset,
             decided_offset,
             waiting_known: true,
+            clock_ms: Some(now),
             next_seq: self.next_seq,
             // A snapshot holds only unacknowledged batches already.
             acked_through: if snapshot { None } else { acked },
@@ -1271,6 +1287,24 @@ mod tests {
         assert_eq!(stored, vec![1_000, 2_000, 2_100], "d@1000 once");
         assert_eq!(offsets(&letters), vec![3]);
         assert!(letters[0].detail.contains("forgotten"), "{}", letters[0].detail);
+    }
+
+    #[test]
+    fn a_restored_record_keeps_its_age_whatever_the_new_owners_clock_says() {
+        let mut c = cfg();
+        c.cleanup.forgotten_retention_ms = 5_000;
+        let mut state = PartitionState::default();
+        let writer = 1_000_000_000u64;
+        state.forgotten.insert("d".into(), Forgotten { through: 1_000, at_ms: writer - 4_000 });
+        state.clock_ms = Some(writer); // the record was 4 s old at the last checkpoint
+        // A new owner whose clock is far ahead of the writer's, then one far behind it.
+        for start in [2 * writer, writer / 2] {
+            let mut p = Partition::restore(c.clone(), state.clone(), 0, start);
+            drop(p.on_tick(start + 500, Some(start + 500)));
+            assert_eq!(p.devices().2, 1, "4.5 s old: kept (owner starting at {start})");
+            drop(p.on_tick(start + 1_100, Some(start + 1_100)));
+            assert_eq!(p.devices().2, 0, "5.1 s old, past the scan's slack: dropped ({start})");
+        }
     }
 
     #[test]

@@ -337,6 +337,7 @@ mod tests {
             next_seq,
             acked_through: acked,
             waiting_known: true,
+            clock_ms: None,
         })
     }
 

@@ -19,13 +19,14 @@
 //!   watermark, starting at `through`. Forgotten or not, a device releases the same events; when
 //!   it is forgotten changes only whether a resend of a released event counts as a duplicate or
 //!   as late.
-//! - A forgotten device's record is dropped `forgotten_retention_ms` after it was forgotten: a
-//!   device silent longer than that is new again, and a resend of an event it sent before then
-//!   would be stored again.
+//! - A forgotten device's record is dropped `forgotten_retention_ms` (plus up to a sixty-fourth of
+//!   it) after it was forgotten: a device silent longer than that is new again, and a resend of
+//!   an event it sent before then would be stored again (after its newer events).
 //!
 //! Work per event, per tick and per checkpoint follows the devices concerned, not all devices:
-//! changed devices are listed as they change, waiting ones are indexed, devices are bucketed by
-//! their last arrival for forgetting and records by when they were made for expiry.
+//! changed devices are listed as they change, waiting ones are indexed, and devices are bucketed
+//! by their last arrival for forgetting; records are scanned for expiry at most 64 times per
+//! retention.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -217,8 +218,8 @@ pub struct Cleaner {
     buckets: BTreeMap<u64, Vec<String>>,
     /// Forgotten devices.
     forgotten: HashMap<String, Forgotten>,
-    /// Forgotten device ids by the expiry bucket of `at_ms`; stale entries are skipped.
-    expiry: BTreeMap<u64, Vec<String>>,
+    /// The oldest record's `at_ms` as of the last expiry scan, or older (`u64::MAX`: none).
+    oldest_record_ms: u64,
     /// Devices forgotten, back, or expired since the last `take_changes` (may repeat).
     forgotten_since: Vec<String>,
     evicted_total: u64,
@@ -235,7 +236,7 @@ impl Cleaner {
             max_ts: i64::MIN,
             buckets: BTreeMap::new(),
             forgotten: HashMap::new(),
-            expiry: BTreeMap::new(),
+            oldest_record_ms: u64::MAX,
             forgotten_since: Vec::new(),
             evicted_total: 0,
             former_floor: None,
@@ -277,7 +278,7 @@ impl Cleaner {
             if self.devices.contains_key(&id) {
                 continue; // a live mark supersedes a record
             }
-            self.file_expiry(&id, f.at_ms);
+            self.oldest_record_ms = self.oldest_record_ms.min(f.at_ms);
             self.forgotten.insert(id, f);
         }
         self
@@ -307,28 +308,13 @@ impl Cleaner {
         (self.config.forget_after_ms / 16).max(1)
     }
 
-    fn expiry_width(&self) -> u64 {
-        (self.config.forgotten_retention_ms / 64).max(1)
-    }
-
-    fn file_expiry(&mut self, id: &str, at_ms: u64) {
-        let bucket = at_ms / self.expiry_width();
-        self.expiry.entry(bucket).or_default().push(id.to_owned());
-    }
-
-    /// Files every device under the forgetting bucket of its last arrival, and every record
-    /// under its expiry bucket.
+    /// Files every device under the forgetting bucket of its last arrival.
     fn rebucket(&mut self) {
         let width = self.forget_width();
         self.buckets.clear();
         for (id, d) in self.devices.iter_mut() {
             d.bucket = d.last_arrival_ms / width;
             self.buckets.entry(d.bucket).or_default().push(id.clone());
-        }
-        let width = self.expiry_width();
-        self.expiry.clear();
-        for (id, f) in &self.forgotten {
-            self.expiry.entry(f.at_ms / width).or_default().push(id.clone());
         }
     }
 
@@ -338,8 +324,7 @@ impl Cleaner {
     /// the identities of the new horizon: the same as a cleaner restored with these settings
     /// does once what was waiting is back ([`Cleaner::release_below_watermarks`]).
     pub fn set_config(&mut self, config: CleanupConfig) {
-        let refile = config.forget_after_ms != self.config.forget_after_ms
-            || config.forgotten_retention_ms != self.config.forgotten_retention_ms;
+        let refile = config.forget_after_ms != self.config.forget_after_ms;
         self.config = config;
         if refile {
             self.rebucket();
@@ -510,7 +495,7 @@ impl Cleaner {
                     // Nothing waits, so everything admitted was released: `max_ts` is the newest
                     // ts released (a restored mark may not say so in `released_max`).
                     let through = d.mark.max_ts.max(d.mark.released_max);
-                    self.file_expiry(&id, now_ms);
+                    self.oldest_record_ms = self.oldest_record_ms.min(now_ms);
                     self.forgotten.insert(id.clone(), Forgotten { through, at_ms: now_ms });
                     self.forgotten_since.push(id);
                 } else {
@@ -527,27 +512,29 @@ impl Cleaner {
         }
     }
 
-    /// Drops the records of devices forgotten longer ago than the retention.
+    /// Drops the records of devices forgotten longer ago than the retention. The records are
+    /// scanned once the oldest is due by a sixty-fourth of the retention, so a record is kept
+    /// between one retention and that much longer, and a scan comes at most once per that
+    /// sixty-fourth: no index of records by age, which would hold every id a second time.
     fn expire(&mut self, now_ms: u64) {
         let retention = self.config.forgotten_retention_ms;
         let Some(cutoff) = now_ms.checked_sub(retention) else { return };
-        let below = cutoff / self.expiry_width();
-        let width = self.expiry_width();
-        let before = self.forgotten.len();
-        while let Some(entry) = self.expiry.first_entry() {
-            if *entry.key() >= below {
-                break;
-            }
-            let (bucket, ids) = entry.remove_entry();
-            for id in ids {
-                // Wholly past the cutoff; an entry of a device forgotten again since, and filed
-                // again, is stale.
-                if self.forgotten.get(&id).is_some_and(|f| f.at_ms / width == bucket) {
-                    self.forgotten.remove(&id);
-                    self.forgotten_since.push(id);
-                }
-            }
+        if self.oldest_record_ms.saturating_add(retention / 64) > cutoff {
+            return;
         }
+        let before = self.forgotten.len();
+        let mut oldest = u64::MAX;
+        let expired = &mut self.forgotten_since;
+        self.forgotten.retain(|id, f| {
+            if f.at_ms <= cutoff {
+                expired.push(id.clone());
+                false
+            } else {
+                oldest = oldest.min(f.at_ms);
+                true
+            }
+        });
+        self.oldest_record_ms = oldest;
         if self.forgotten.len() < before && self.forgotten.capacity() > 4 * self.forgotten.len() + 1024 {
             self.forgotten.shrink_to(2 * self.forgotten.len());
         }
@@ -1129,6 +1116,21 @@ mod tests {
     }
 
     #[test]
+    fn a_device_forgotten_and_back_again_and_again_keeps_one_expiry_entry_at_most() {
+        let mut c = Cleaner::new(cfg_forget(0, 1_000, 100, 1_000, 1_000_000_000));
+        for i in 0..200u64 {
+            let now = i * 1_500;
+            assert_eq!(c.process(ev("d", 1_000 + i as i64), i as i64, now), Outcome::Buffered);
+            c.tick(now + 1_200);
+            assert_eq!(c.forgotten_count(), 1, "forgotten after each event");
+        }
+        assert_eq!(c.forgotten.len(), 1, "one record, not one per time it was forgotten");
+        assert!(c.forgotten_since.len() <= 400, "what a checkpoint takes: {}", c.forgotten_since.len());
+        c.take_changes();
+        assert!(c.forgotten_since.is_empty());
+    }
+
+    #[test]
     fn a_device_that_keeps_sending_is_never_forgotten_whatever_the_others_do() {
         let mut c = Cleaner::new(cfg_forget(10, 1_000, 100, 1_000, 1_000_000));
         for i in 0..50u64 {
@@ -1178,7 +1180,7 @@ mod tests {
         assert_eq!(c.device_count(), 0, "both silent past forget_after");
         let ch = c.take_changes();
         assert_eq!(ch.forgotten.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["a", "c"]);
-        c.tick(10_200);
+        c.tick(10_300);
         assert_eq!(c.forgotten_count(), 2, "b's record expires by when it was made: a and c kept");
         assert_eq!(c.take_changes().evicted, vec!["b".to_owned()]);
     }
