@@ -13,6 +13,10 @@ use stream_processor::partition::{Actions, Partition, PartitionConfig};
 use stream_processor::store::{Committed, StateStore};
 use telemetry_core::CleanupConfig;
 
+/// The processor's allocator, so memory is measured as the processor holds and returns it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BASE: i64 = 1_700_000_000_000;
 const HORIZON_MS: i64 = 600_000;
 const FORGET_AFTER_MS: u64 = 600_000;

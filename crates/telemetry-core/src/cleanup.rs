@@ -393,18 +393,23 @@ impl Cleaner {
         let lateness = self.config.allowed_lateness_ms;
         let horizon = self.horizon();
         let width = self.forget_width();
-        if !self.devices.contains_key(&event.device_id) {
-            let floor = match self.forgotten.get(&event.device_id) {
-                Some(f) => f.through,
-                None => self.former_floor.map_or(i64::MIN, |f| f.through),
-            };
-            if event.ts <= floor {
-                return Outcome::Late(Late::Forgotten);
+        // One lookup for a known device (the common case).
+        let device = match self.devices.get_mut(&event.device_id) {
+            Some(d) => d,
+            None => {
+                let floor = match self.forgotten.get(&event.device_id) {
+                    Some(f) => f.through,
+                    None => self.former_floor.map_or(i64::MIN, |f| f.through),
+                };
+                if event.ts <= floor {
+                    return Outcome::Late(Late::Forgotten);
+                }
+                let through = self.come_back(&event.device_id);
+                self.devices
+                    .entry(event.device_id.clone())
+                    .or_insert(Device::new(now_ms, through))
             }
-            let through = self.come_back(&event.device_id);
-            self.devices.insert(event.device_id.clone(), Device::new(now_ms, through));
-        }
-        let device = self.devices.get_mut(&event.device_id).expect("inserted above");
+        };
         arrive(device, &event.device_id, now_ms, width, &mut self.buckets);
         let pos = (event.latitude.to_bits(), event.longitude.to_bits());
         if let Some((first, _)) = device.buffer.get(&event.ts) {
@@ -489,14 +494,15 @@ impl Cleaner {
                     continue; // moved on to a later bucket
                 }
                 if d.last_arrival_ms <= cutoff && d.buffer.is_empty() {
-                    let d = self.devices.remove(&id).expect("looked up above");
+                    // The map's own key becomes the record's: no id is allocated again.
+                    let (key, d) = self.devices.remove_entry(&id).expect("looked up above");
                     self.out.seen -= d.seen.len();
                     self.evicted_total += 1;
                     // Nothing waits, so everything admitted was released: `max_ts` is the newest
                     // ts released (a restored mark may not say so in `released_max`).
                     let through = d.mark.max_ts.max(d.mark.released_max);
                     self.oldest_record_ms = self.oldest_record_ms.min(now_ms);
-                    self.forgotten.insert(id.clone(), Forgotten { through, at_ms: now_ms });
+                    self.forgotten.insert(key, Forgotten { through, at_ms: now_ms });
                     self.forgotten_since.push(id);
                 } else {
                     waiting.push((bucket, id));
