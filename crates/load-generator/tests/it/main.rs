@@ -1,5 +1,7 @@
 //! load-generator's integration tests: its command line (`--help`, and a flag winning over its
-//! variable), run as the real binary.
+//! variable), run as the real binary; `verify` against a real ingest-api and dead-letter topic.
+
+mod verify;
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
