@@ -51,8 +51,9 @@ async fn main() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(4002);
     // The topic as the proxy creates it (the benchmark gives each program a fresh broker).
-    service_common::kafka::ensure_shared_topic(&settings.kafka, &settings.kafka.topic).await;
-    let producer: FutureProducer = producer_config(&settings).create().expect("producer");
+    let conn = settings.kafka.connection().expect("connection settings");
+    service_common::kafka::ensure_shared_topic(&settings.kafka, &conn, &settings.kafka.topic).await;
+    let producer: FutureProducer = producer_config(&settings, &conn).create().expect("producer");
     let state = Arc::new(Ceiling {
         producer,
         topic: settings.kafka.topic.clone(),

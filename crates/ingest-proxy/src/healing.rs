@@ -1,6 +1,6 @@
 //! The proxy's producer handle that survives librdkafka's fatal errors.
 
-use rdkafka::config::ClientConfig;
+use service_common::kafka::KafkaConfig;
 use rdkafka::error::KafkaError;
 
 /// A producer that is replaced as a whole when librdkafka declares it dead (a fatal error: an
@@ -9,7 +9,7 @@ use rdkafka::error::KafkaError;
 /// fail; senders retry them on the new one.
 pub struct HealingProducer {
     producer: std::sync::RwLock<std::sync::Arc<rdkafka::producer::FutureProducer>>,
-    config: ClientConfig,
+    config: KafkaConfig,
 }
 
 impl std::fmt::Debug for HealingProducer {
@@ -19,7 +19,7 @@ impl std::fmt::Debug for HealingProducer {
 }
 
 impl HealingProducer {
-    pub fn new(config: ClientConfig) -> Result<Self, KafkaError> {
+    pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
         let producer = config.create()?;
         Ok(HealingProducer {
             producer: std::sync::RwLock::new(std::sync::Arc::new(producer)),

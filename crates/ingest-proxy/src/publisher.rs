@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::healing::HealingProducer;
-use rdkafka::config::ClientConfig;
+use service_common::kafka::{Connection, KafkaConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -35,6 +35,7 @@ pub struct Ack {
 /// Producer, topic and in-flight bound.
 pub struct Publisher {
     producer: HealingProducer,
+    conn: Connection,
     topic: String,
     /// Events handed to the producer and not yet acknowledged (a counter, not a semaphore:
     /// nothing waits for room, a request that finds none is answered 503 at once).
@@ -76,8 +77,8 @@ impl std::fmt::Debug for Publisher {
 }
 
 /// The producer configuration DESIGN.md asks for: idempotent, acks=all, murmur2 on the key.
-pub fn producer_config(settings: &Settings) -> ClientConfig {
-    let mut c = service_common::kafka::idempotent_producer(&settings.kafka.brokers);
+pub fn producer_config(settings: &Settings, conn: &Connection) -> KafkaConfig {
+    let mut c = service_common::kafka::idempotent_producer(conn);
     c.set("linger.ms", settings.producer_linger_ms.to_string())
         .set("batch.num.messages", settings.producer_batch_messages.to_string())
         .set(
@@ -117,9 +118,12 @@ async fn acknowledgement(pending: Option<DeliveryFuture>) -> Result<Ack, Publish
 }
 
 impl Publisher {
+    /// The producer for `settings`; an error names the setting or the client problem.
     pub fn new(settings: &Settings) -> Result<Publisher, KafkaError> {
+        let conn = settings.kafka.connection().map_err(KafkaError::ClientCreation)?;
         Ok(Publisher {
-            producer: HealingProducer::new(producer_config(settings))?,
+            producer: HealingProducer::new(producer_config(settings, &conn))?,
+            conn,
             topic: settings.kafka.topic.clone(),
             in_flight: AtomicUsize::new(0),
             max_in_flight: settings.max_in_flight,
@@ -128,6 +132,11 @@ impl Publisher {
 
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// How the producer connects (for the admin client that creates the topic).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// Events awaiting acknowledgement now.

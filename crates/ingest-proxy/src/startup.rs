@@ -37,6 +37,7 @@ impl Application {
         tracing::info!(
             addr = %listener.local_addr()?,
             brokers = %settings.kafka.brokers,
+            security_protocol = settings.kafka.security_protocol.as_str(),
             topic = %settings.kafka.topic,
             "ingest-proxy listening"
         );
@@ -73,7 +74,7 @@ impl Application {
 
 /// Creates the topic once the broker answers, then keeps `ready` up to date.
 async fn watch_broker(publisher: Arc<Publisher>, settings: Arc<Settings>, ready: Arc<AtomicBool>) {
-    service_common::kafka::ensure_shared_topic(&settings.kafka, &settings.kafka.topic).await;
+    service_common::kafka::ensure_shared_topic(&settings.kafka, publisher.connection(), &settings.kafka.topic).await;
     let interval = Duration::from_millis(settings.ready_check_interval_ms);
     loop {
         let p = Arc::clone(&publisher);

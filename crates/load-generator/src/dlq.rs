@@ -21,6 +21,8 @@ pub struct DeadLetter {
 pub struct DlqReader {
     consumer: BaseConsumer,
     partitions: usize,
+    /// Partitions read to their end, and nothing from them since.
+    at_end: HashSet<i32>,
 }
 
 impl std::fmt::Debug for DlqReader {
@@ -30,10 +32,12 @@ impl std::fmt::Debug for DlqReader {
 }
 
 impl DlqReader {
-    /// Assigns every partition of `topic` from its start (none when the topic does not exist).
+    /// Assigns every partition of `topic` from its start (none when the topic does not exist),
+    /// connecting with the security settings of the environment (`KAFKA_SECURITY_PROTOCOL`...).
     pub fn open(brokers: &str, topic: &str) -> anyhow::Result<DlqReader> {
         let group = format!("load-generator-verify-{}", std::process::id());
-        let consumer: BaseConsumer = service_common::kafka::manual_consumer(brokers, &group)
+        let conn = service_common::kafka::connection_from_env(brokers).map_err(anyhow::Error::msg)?;
+        let consumer: BaseConsumer = service_common::kafka::manual_consumer(&conn, &group)
             .set("enable.partition.eof", "true")
             .set("allow.auto.create.topics", "false")
             .create()?;
@@ -50,26 +54,36 @@ impl DlqReader {
             tpl.add_partition_offset(topic, p as i32, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;
-        Ok(DlqReader { consumer, partitions })
+        Ok(DlqReader {
+            consumer,
+            partitions,
+            at_end: HashSet::new(),
+        })
     }
 
-    /// Everything committed since the last call, read until every partition reports its end.
+    /// Everything committed since the last call: read until every partition has reported its
+    /// end (librdkafka says so once each time it gets there, so that is remembered across
+    /// calls) and a poll brings nothing more.
     pub fn catch_up(&mut self) -> anyhow::Result<Vec<DeadLetter>> {
         let mut out = Vec::new();
-        let mut at_end = HashSet::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while at_end.len() < self.partitions {
+        loop {
             if Instant::now() >= deadline {
-                anyhow::bail!("the dead-letter topic did not reach its end within 60 s");
+                anyhow::bail!(
+                    "the dead-letter topic did not reach its end within 60 s ({} of {} partitions)",
+                    self.at_end.len(),
+                    self.partitions
+                );
             }
             match self.consumer.poll(Duration::from_millis(200)) {
+                None if self.at_end.len() >= self.partitions => break,
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(p))) => {
-                    at_end.insert(p);
+                    self.at_end.insert(p);
                 }
                 Some(Err(e)) => anyhow::bail!("reading the dead-letter topic: {e}"),
                 Some(Ok(m)) => {
-                    at_end.remove(&m.partition());
+                    self.at_end.remove(&m.partition());
                     let header = |name: &str| {
                         m.headers()
                             .and_then(|h| h.iter().find(|h| h.key == name))

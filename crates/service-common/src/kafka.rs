@@ -1,20 +1,175 @@
-//! Kafka helpers shared by the proxy and the processor.
+//! Kafka helpers shared by the proxy and the processor: the one place every client's
+//! configuration starts from ([`Connection`]), so no client role can miss the connection
+//! settings or the pass-through options.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, FromClientConfig, FromClientConfigAndContext};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+
+use crate::settings::KafkaArgs;
+
+/// How every client reaches the brokers: `bootstrap.servers`, the security settings and the
+/// pass-through options of [`KafkaArgs`], resolved once (the SASL password read from its file).
+#[derive(Clone)]
+pub struct Connection {
+    brokers: String,
+    /// (key, value, secret), security settings first, pass-through options last.
+    settings: Arc<[(String, String, bool)]>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings: Vec<String> = self
+            .settings
+            .iter()
+            .map(|(k, v, secret)| if *secret { format!("{k}=<redacted>") } else { format!("{k}={v}") })
+            .collect();
+        f.debug_struct("Connection")
+            .field("brokers", &self.brokers)
+            .field("settings", &settings)
+            .finish()
+    }
+}
+
+impl KafkaArgs {
+    /// The connection these settings describe; an error names the variable.
+    pub fn connection(&self) -> Result<Connection, String> {
+        Ok(Connection {
+            brokers: self.brokers.clone(),
+            settings: self.security_settings()?.into(),
+        })
+    }
+}
+
+/// The connection to `brokers` with the security settings of the process environment
+/// (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*`, `KAFKA_SSL_*`, `KAFKA_OPTIONS`), for tools and
+/// tests that take their broker address elsewhere.
+pub fn connection_from_env(brokers: &str) -> Result<Connection, String> {
+    #[derive(clap::Parser)]
+    struct FromEnv {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+    let mut args = <FromEnv as clap::Parser>::try_parse_from(["connection"])
+        .map_err(|e| e.to_string())?
+        .kafka;
+    args.brokers = brokers.to_owned();
+    args.connection()
+}
+
+impl Connection {
+    /// Plaintext to `brokers`, nothing else (tests, benchmarks).
+    pub fn plaintext(brokers: &str) -> Connection {
+        Connection {
+            brokers: brokers.to_owned(),
+            settings: Arc::new([]),
+        }
+    }
+
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// The base of every client's configuration: the brokers and the security settings now;
+    /// the pass-through options when the client is created, after the caller's own settings.
+    pub fn config(&self) -> KafkaConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        let mut options = Vec::new();
+        for (key, value, _) in self.settings.iter() {
+            if is_security_key(key) {
+                config.set(key, value);
+            } else {
+                options.push((key.clone(), value.clone()));
+            }
+        }
+        KafkaConfig {
+            config,
+            options: options.into(),
+            secrets: self.settings.iter().filter(|s| s.2).map(|s| s.0.clone()).collect(),
+        }
+    }
+
+    /// An admin client's configuration (topic creation, offsets).
+    pub fn admin(&self) -> KafkaConfig {
+        let mut c = self.config();
+        c.set("socket.connection.setup.timeout.ms", "5000");
+        c
+    }
+}
+
+fn is_security_key(key: &str) -> bool {
+    key == "security.protocol" || key.starts_with("sasl.") || key.starts_with("ssl.")
+}
+
+/// A client configuration from a [`Connection`]: `set` as on rdkafka's `ClientConfig`, and
+/// `create` applies the pass-through options last. Its `Debug` never shows a secret.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    config: ClientConfig,
+    options: Arc<[(String, String)]>,
+    secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut keys: Vec<String> = self
+            .finished()
+            .config_map()
+            .iter()
+            .map(|(k, v)| {
+                if self.secrets.iter().any(|s| s == k) {
+                    format!("{k}=<redacted>")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        keys.sort();
+        f.debug_list().entries(keys).finish()
+    }
+}
+
+impl KafkaConfig {
+    pub fn set<K: Into<String>, V: Into<String>>(&mut self, key: K, value: V) -> &mut KafkaConfig {
+        self.config.set(key, value);
+        self
+    }
+
+    /// A property as the client will get it (pass-through options included).
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.finished().get(key).map(str::to_owned)
+    }
+
+    /// The configuration as the client gets it: the pass-through options applied last.
+    fn finished(&self) -> ClientConfig {
+        let mut c = self.config.clone();
+        for (k, v) in self.options.iter() {
+            c.set(k, v);
+        }
+        c
+    }
+
+    pub fn create<T: FromClientConfig>(&self) -> KafkaResult<T> {
+        self.finished().create()
+    }
+
+    pub fn create_with_context<C: ClientContext, T: FromClientConfigAndContext<C>>(&self, context: C) -> KafkaResult<T> {
+        self.finished().create_with_context(context)
+    }
+}
 
 /// The producer every writer of events and state starts from (the proxy, the processor's
 /// checkpoint writers, the tests and the benchmarks): idempotent, `acks=all`, and murmur2 on the
 /// key, so a device lands on the partition Java clients and Redpanda tools pick for it. Callers
 /// add only tuning (linger, batch sizes, timeouts).
-pub fn idempotent_producer(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
+pub fn idempotent_producer(conn: &Connection) -> KafkaConfig {
+    let mut c = conn.config();
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("compression.type", "lz4");
@@ -33,8 +188,8 @@ pub fn drop_in_background<T: Send + 'static>(client: T) {
 
 /// A transactional producer: [`idempotent_producer`] with a `transactional.id`, whose
 /// `init_transactions` fences every earlier producer with the same id.
-pub fn transactional_producer(brokers: &str, transactional_id: &str) -> ClientConfig {
-    let mut c = idempotent_producer(brokers);
+pub fn transactional_producer(conn: &Connection, transactional_id: &str) -> KafkaConfig {
+    let mut c = idempotent_producer(conn);
     c.set("transactional.id", transactional_id);
     c
 }
@@ -43,10 +198,9 @@ pub fn transactional_producer(brokers: &str, transactional_id: &str) -> ClientCo
 /// nowhere), reads only committed records from the earliest offset, and accepts fetch answers
 /// larger than it asked for (the test broker answers a fetch with everything it has). Callers
 /// add group membership and fetch tuning.
-pub fn manual_consumer(brokers: &str, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", group)
+pub fn manual_consumer(conn: &Connection, group: &str) -> KafkaConfig {
+    let mut c = conn.config();
+    c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -58,26 +212,23 @@ pub fn manual_consumer(brokers: &str, group: &str) -> ClientConfig {
 /// Creates `topic` with `partitions` partitions; an existing topic is fine (its partition
 /// count is left as it is).
 pub async fn ensure_topic(
-    brokers: &str,
+    conn: &Connection,
     topic: &str,
     partitions: i32,
     replication: i32,
 ) -> Result<(), KafkaError> {
-    ensure_topic_with_config(brokers, topic, partitions, replication, &[]).await
+    ensure_topic_with_config(conn, topic, partitions, replication, &[]).await
 }
 
 /// As [`ensure_topic`], with topic configuration (`retention.ms`, ...) for a new topic.
 pub async fn ensure_topic_with_config(
-    brokers: &str,
+    conn: &Connection,
     topic: &str,
     partitions: i32,
     replication: i32,
     configs: &[(&str, &str)],
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("socket.connection.setup.timeout.ms", "5000")
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = conn.admin().create()?;
     let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     for (k, v) in configs {
         new_topic = new_topic.set(k, v);
@@ -98,19 +249,19 @@ pub async fn ensure_topic_with_config(
 
 /// Creates `topic` when missing with the partitions and replication every service shares
 /// (`TOPIC_PARTITIONS`, `TOPIC_REPLICATION`), retrying until the broker answers.
-pub async fn ensure_shared_topic(kafka: &crate::settings::KafkaArgs, topic: &str) {
-    ensure_topic_with_retry(&kafka.brokers, topic, kafka.partitions, kafka.replication).await
+pub async fn ensure_shared_topic(kafka: &KafkaArgs, conn: &Connection, topic: &str) {
+    ensure_topic_with_retry(conn, topic, kafka.partitions, kafka.replication).await
 }
 
 /// Retries `ensure_topic` with capped backoff until it succeeds (for start-up while the broker
 /// is still coming up).
-pub async fn ensure_topic_with_retry(brokers: &str, topic: &str, partitions: i32, replication: i32) {
-    ensure_topic_with_config_retry(brokers, topic, partitions, replication, &[]).await
+pub async fn ensure_topic_with_retry(conn: &Connection, topic: &str, partitions: i32, replication: i32) {
+    ensure_topic_with_config_retry(conn, topic, partitions, replication, &[]).await
 }
 
 /// Retries `ensure_topic_with_config` with capped backoff until it succeeds.
 pub async fn ensure_topic_with_config_retry(
-    brokers: &str,
+    conn: &Connection,
     topic: &str,
     partitions: i32,
     replication: i32,
@@ -118,7 +269,7 @@ pub async fn ensure_topic_with_config_retry(
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match ensure_topic_with_config(brokers, topic, partitions, replication, configs).await {
+        match ensure_topic_with_config(conn, topic, partitions, replication, configs).await {
             Ok(()) => {
                 tracing::info!(topic, partitions, "topic ready");
                 return;

@@ -1,6 +1,7 @@
 //! Settings helpers shared by the services.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -36,10 +37,206 @@ pub struct KafkaArgs {
     /// Replication factor of the topics a service creates.
     #[arg(long = "topic-replication", env = "TOPIC_REPLICATION", default_value_t = 1)]
     pub replication: i32,
+    /// How every Kafka client connects: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[arg(
+        long = "kafka-security-protocol",
+        env = "KAFKA_SECURITY_PROTOCOL",
+        value_enum,
+        ignore_case = true,
+        default_value = "plaintext"
+    )]
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism (with sasl_plaintext or sasl_ssl): PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[arg(long = "kafka-sasl-mechanism", env = "KAFKA_SASL_MECHANISM", value_enum, ignore_case = true)]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[arg(long = "kafka-sasl-username", env = "KAFKA_SASL_USERNAME")]
+    pub sasl_username: Option<String>,
+    /// SASL password (or KAFKA_SASL_PASSWORD_FILE). Never logged or shown.
+    #[arg(long = "kafka-sasl-password", env = "KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub sasl_password: Option<Secret>,
+    /// File holding the SASL password (a Docker or Kubernetes secret); a final newline is not
+    /// part of it.
+    #[arg(long = "kafka-sasl-password-file", env = "KAFKA_SASL_PASSWORD_FILE")]
+    pub sasl_password_file: Option<PathBuf>,
+    /// PEM file of the CA certificates that sign the brokers' certificates (with ssl or
+    /// sasl_ssl; unset: the system's CA store).
+    #[arg(long = "kafka-ssl-ca-location", env = "KAFKA_SSL_CA_LOCATION")]
+    pub ssl_ca_location: Option<PathBuf>,
+    /// PEM file of this client's certificate, for mutual TLS.
+    #[arg(long = "kafka-ssl-certificate-location", env = "KAFKA_SSL_CERTIFICATE_LOCATION")]
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// PEM file of this client's private key, for mutual TLS.
+    #[arg(long = "kafka-ssl-key-location", env = "KAFKA_SSL_KEY_LOCATION")]
+    pub ssl_key_location: Option<PathBuf>,
+    /// Password of that private key, when it is encrypted. Never logged or shown.
+    #[arg(long = "kafka-ssl-key-password", env = "KAFKA_SSL_KEY_PASSWORD", hide_env_values = true)]
+    pub ssl_key_password: Option<Secret>,
+    /// Any other librdkafka property as key=value, applied last to every client (repeatable;
+    /// KAFKA_OPTIONS takes them comma separated). The properties the guarantee depends on are
+    /// refused.
+    #[arg(
+        long = "kafka-option",
+        env = "KAFKA_OPTIONS",
+        value_delimiter = ',',
+        value_parser = parse_kafka_option
+    )]
+    pub options: Vec<KafkaOption>,
 }
 
+/// `KAFKA_SECURITY_PROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecurityProtocol {
+    #[value(name = "plaintext")]
+    Plaintext,
+    #[value(name = "ssl")]
+    Ssl,
+    #[value(name = "sasl_plaintext")]
+    SaslPlaintext,
+    #[value(name = "sasl_ssl")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's `security.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+/// `KAFKA_SASL_MECHANISM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaslMechanism {
+    #[value(name = "PLAIN")]
+    Plain,
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's `sasl.mechanism` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A secret setting: its value is never printed (`Debug` shows a placeholder).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that hands it to a client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// One pass-through librdkafka property (`--kafka-option key=value`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaOption {
+    pub key: String,
+    pub value: String,
+}
+
+impl KafkaOption {
+    /// Whether the value is kept out of logs (any property whose name says it is secret).
+    pub fn is_secret(&self) -> bool {
+        ["password", "secret", "token", "key.pem", "jaas"]
+            .iter()
+            .any(|w| self.key.contains(w))
+    }
+}
+
+impl std::fmt::Debug for KafkaOption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_secret() {
+            write!(f, "{}=<redacted>", self.key)
+        } else {
+            write!(f, "{}={}", self.key, self.value)
+        }
+    }
+}
+
+fn parse_kafka_option(s: &str) -> Result<KafkaOption, String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| "expected key=value (a librdkafka property)".to_owned())?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err("expected key=value (a librdkafka property)".into());
+    }
+    Ok(KafkaOption {
+        key: key.to_owned(),
+        value: value.trim().to_owned(),
+    })
+}
+
+/// Properties the project sets itself and refuses from `KAFKA_OPTIONS`: the guarantee depends on
+/// them (idempotent acks=all producers, transactions per partition, read_committed consumers
+/// whose offsets go with the transactions, the murmur2 key partitioner), or a variable of its
+/// own sets them.
+pub const REFUSED_OPTIONS: &[(&str, &str)] = &[
+    ("enable.idempotence", "the exactly-once guarantee depends on it"),
+    ("acks", "the exactly-once guarantee depends on it"),
+    ("isolation.level", "the exactly-once guarantee depends on it"),
+    ("enable.auto.commit", "the exactly-once guarantee depends on it"),
+    ("enable.auto.offset.store", "the exactly-once guarantee depends on it"),
+    ("transactional.id", "the exactly-once guarantee depends on it"),
+    ("partitioner", "per-device order depends on it (murmur2 on the key)"),
+    ("group.id", "set GROUP_ID"),
+    ("group.instance.id", "set GROUP_INSTANCE_ID"),
+    ("bootstrap.servers", "set KAFKA_BROKERS"),
+    ("metadata.broker.list", "set KAFKA_BROKERS"),
+    ("security.protocol", "set KAFKA_SECURITY_PROTOCOL"),
+    ("sasl.mechanism", "set KAFKA_SASL_MECHANISM"),
+    ("sasl.mechanisms", "set KAFKA_SASL_MECHANISM"),
+    ("sasl.username", "set KAFKA_SASL_USERNAME"),
+    ("sasl.password", "set KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD_FILE"),
+    ("ssl.ca.location", "set KAFKA_SSL_CA_LOCATION"),
+    ("ssl.certificate.location", "set KAFKA_SSL_CERTIFICATE_LOCATION"),
+    ("ssl.key.location", "set KAFKA_SSL_KEY_LOCATION"),
+    ("ssl.key.password", "set KAFKA_SSL_KEY_PASSWORD"),
+];
+
 impl KafkaArgs {
-    /// Checks what a broker would refuse later, naming the variable.
+    /// Checks what a broker would refuse later, and the connection settings, naming the variable.
     pub fn validate(&self) -> Result<(), String> {
         if self.partitions < 1 {
             return Err("TOPIC_PARTITIONS must be at least 1".into());
@@ -47,7 +244,99 @@ impl KafkaArgs {
         if self.replication < 1 {
             return Err("TOPIC_REPLICATION must be at least 1".into());
         }
-        Ok(())
+        self.security_settings().map(|_| ())
+    }
+
+    /// The connection's librdkafka properties, from the variables (the password read from its
+    /// file), then the pass-through options; each `(key, value, secret)`.
+    pub fn security_settings(&self) -> Result<Vec<(String, String, bool)>, String> {
+        let protocol = self.security_protocol;
+        let mut out = vec![("security.protocol".to_owned(), protocol.as_str().to_owned(), false)];
+        let sasl_set = [
+            ("KAFKA_SASL_MECHANISM", self.sasl_mechanism.is_some()),
+            ("KAFKA_SASL_USERNAME", self.sasl_username.is_some()),
+            ("KAFKA_SASL_PASSWORD", self.sasl_password.is_some()),
+            ("KAFKA_SASL_PASSWORD_FILE", self.sasl_password_file.is_some()),
+        ];
+        let tls_set = [
+            ("KAFKA_SSL_CA_LOCATION", &self.ssl_ca_location),
+            ("KAFKA_SSL_CERTIFICATE_LOCATION", &self.ssl_certificate_location),
+            ("KAFKA_SSL_KEY_LOCATION", &self.ssl_key_location),
+        ];
+        if protocol.uses_sasl() {
+            let mechanism = self.sasl_mechanism.ok_or_else(|| {
+                format!("KAFKA_SECURITY_PROTOCOL={} needs KAFKA_SASL_MECHANISM", protocol.as_str())
+            })?;
+            let user = self.sasl_username.clone().ok_or_else(|| {
+                format!("KAFKA_SECURITY_PROTOCOL={} needs KAFKA_SASL_USERNAME", protocol.as_str())
+            })?;
+            let password = match (&self.sasl_password, &self.sasl_password_file) {
+                (Some(p), None) => p.expose().to_owned(),
+                (None, Some(file)) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        format!("KAFKA_SASL_PASSWORD_FILE: cannot read {}: {e}", file.display())
+                    })?;
+                    let password = text.strip_suffix('\n').unwrap_or(&text);
+                    let password = password.strip_suffix('\r').unwrap_or(password);
+                    if password.is_empty() {
+                        return Err(format!("KAFKA_SASL_PASSWORD_FILE: {} is empty", file.display()));
+                    }
+                    password.to_owned()
+                }
+                (Some(_), Some(_)) => {
+                    return Err("set KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD_FILE, not both".into())
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "KAFKA_SECURITY_PROTOCOL={} needs KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD_FILE",
+                        protocol.as_str()
+                    ))
+                }
+            };
+            out.push(("sasl.mechanism".into(), mechanism.as_str().into(), false));
+            out.push(("sasl.username".into(), user, false));
+            out.push(("sasl.password".into(), password, true));
+        } else if let Some((name, _)) = sasl_set.iter().find(|(_, set)| *set) {
+            return Err(format!(
+                "{name} is set, but KAFKA_SECURITY_PROTOCOL={} does not use SASL (sasl_plaintext or sasl_ssl does)",
+                protocol.as_str()
+            ));
+        }
+        if protocol.uses_tls() {
+            for (name, key, path) in [
+                ("KAFKA_SSL_CA_LOCATION", "ssl.ca.location", &self.ssl_ca_location),
+                ("KAFKA_SSL_CERTIFICATE_LOCATION", "ssl.certificate.location", &self.ssl_certificate_location),
+                ("KAFKA_SSL_KEY_LOCATION", "ssl.key.location", &self.ssl_key_location),
+            ] {
+                if let Some(path) = path {
+                    std::fs::File::open(path).map_err(|e| format!("{name}: cannot read {}: {e}", path.display()))?;
+                    out.push((key.into(), path.display().to_string(), false));
+                }
+            }
+            if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+                return Err("mutual TLS needs both KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION".into());
+            }
+            if let Some(p) = &self.ssl_key_password {
+                out.push(("ssl.key.password".into(), p.expose().to_owned(), true));
+            }
+        } else if let Some((name, _)) = tls_set.iter().find(|(_, p)| p.is_some()) {
+            return Err(format!(
+                "{name} is set, but KAFKA_SECURITY_PROTOCOL={} does not use TLS (ssl or sasl_ssl does)",
+                protocol.as_str()
+            ));
+        } else if self.ssl_key_password.is_some() {
+            return Err(format!(
+                "KAFKA_SSL_KEY_PASSWORD is set, but KAFKA_SECURITY_PROTOCOL={} does not use TLS",
+                protocol.as_str()
+            ));
+        }
+        for o in &self.options {
+            if let Some((_, why)) = REFUSED_OPTIONS.iter().find(|(k, _)| *k == o.key) {
+                return Err(format!("KAFKA_OPTIONS: {} cannot be set here: {why}", o.key));
+            }
+            out.push((o.key.clone(), o.value.clone(), o.is_secret()));
+        }
+        Ok(out)
     }
 }
 

@@ -6,6 +6,7 @@
 //! the restore of one partition holding BENCH_RESTORE_KEYS (1,000,000; 0 skips it) dedup keys,
 //! from the changelog alone and from the local cache.
 
+use service_common::kafka::Connection;
 use std::collections::VecDeque;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,7 +64,7 @@ fn stream(n: usize) -> (Vec<(usize, i64)>, usize) {
 }
 
 async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
-    let producer: FutureProducer = service_common::kafka::idempotent_producer(brokers)
+    let producer: FutureProducer = service_common::kafka::idempotent_producer(&Connection::plaintext(brokers))
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
@@ -104,7 +105,7 @@ async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
 
 fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
     let consumer: BaseConsumer =
-        service_common::kafka::manual_consumer(brokers, &format!("bench-raw-{}", std::process::id()))
+        service_common::kafka::manual_consumer(&Connection::plaintext(brokers), &format!("bench-raw-{}", std::process::id()))
             .set("fetch.max.bytes", "16777216")
             .create()
             .expect("consumer");
@@ -218,7 +219,7 @@ async fn main() {
     let dir = std::path::PathBuf::from(env("BENCH_DIR", ".local/bench/processor"));
     std::fs::create_dir_all(&dir).expect("bench directory created");
     let topic = format!("bench-{}", std::process::id());
-    service_common::kafka::ensure_topic(&brokers, &topic, PARTITIONS, 1)
+    service_common::kafka::ensure_topic(&Connection::plaintext(&brokers), &topic, PARTITIONS, 1)
         .await
         .expect("topic");
 
@@ -383,7 +384,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(service_common::kafka::ensure_topic(brokers, &changelog, 1, 1))
+    rt.block_on(service_common::kafka::ensure_topic(&Connection::plaintext(brokers), &changelog, 1, 1))
         .expect("changelog topic");
     let devices = 1000usize;
     let per_device = keys.div_ceil(devices);
@@ -413,7 +414,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         *resume_offset = keys as i64;
     }
     let producer: ThreadedProducer<DefaultProducerContext> =
-        service_common::kafka::transactional_producer(brokers, &format!("{changelog}-writer"))
+        service_common::kafka::transactional_producer(&Connection::plaintext(brokers), &format!("{changelog}-writer"))
             .set("message.max.bytes", "16777216")
             .create()
             .expect("producer");
@@ -439,7 +440,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         .expect("commit");
     let timeout = Duration::from_secs(600);
     let from_log =
-        stream_processor::restore::restore(brokers, &changelog, topic, 0, None, timeout).expect("restore");
+        stream_processor::restore::restore(&Connection::plaintext(brokers), &changelog, topic, 0, None, timeout).expect("restore");
     assert_eq!(
         from_log.state.key_count(),
         state.key_count(),
@@ -459,7 +460,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
     let start = Instant::now();
     let cached = rt.block_on(cache.load(0)).expect("load");
     let from_cache =
-        stream_processor::restore::restore(brokers, &changelog, topic, 0, cached, timeout).expect("restore");
+        stream_processor::restore::restore(&Connection::plaintext(brokers), &changelog, topic, 0, cached, timeout).expect("restore");
     assert_eq!(from_cache.state.key_count(), state.key_count());
     println!(
         "restore of the same partition from the local cache (source {}): {:.2} s",

@@ -110,7 +110,7 @@ pub type GroupConsumer = BaseConsumer<Ctx>;
 /// Builds the group consumer: auto-commit off (offsets go in checkpoint transactions), static
 /// membership when `instance_id` is set.
 pub fn create(
-    brokers: &str,
+    conn: &service_common::kafka::Connection,
     group: &str,
     instance_id: Option<&str>,
     session_timeout_ms: u64,
@@ -118,7 +118,7 @@ pub fn create(
     topic: &str,
     inputs: mpsc::Sender<Input>,
 ) -> Result<GroupConsumer, KafkaError> {
-    let mut config = service_common::kafka::manual_consumer(brokers, group);
+    let mut config = service_common::kafka::manual_consumer(conn, group);
     config
         .set("session.timeout.ms", session_timeout_ms.to_string())
         .set("partition.assignment.strategy", assignment_strategy)

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use service_common::kafka::{Connection, KafkaConfig};
 use rdkafka::consumer::Consumer;
 use rdkafka::TopicPartitionList;
 use tokio::sync::mpsc;
@@ -53,7 +53,8 @@ struct Restorer {
     settings: Arc<Settings>,
     cache: StateStore,
     admin: Arc<AdminClient<DefaultClientContext>>,
-    producer_config: ClientConfig,
+    producer_config: KafkaConfig,
+    conn: Connection,
     topics: Topics,
     txn_done: mpsc::UnboundedSender<(i32, u64, TxnOutcome)>,
     consumer: Arc<GroupConsumer>,
@@ -114,12 +115,11 @@ impl Pipeline {
             health,
             writer_prefix,
         } = parts;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &settings.kafka.brokers)
-            .create()
-            .context("creating the admin client")?;
+        let conn = settings.kafka.connection().map_err(anyhow::Error::msg)?;
+        let admin: AdminClient<DefaultClientContext> =
+            conn.config().create().context("creating the admin client")?;
         // Each partition's writer adds its `transactional.id` (`txn::transactional_id`).
-        let mut producer_config = service_common::kafka::idempotent_producer(&settings.kafka.brokers);
+        let mut producer_config = service_common::kafka::idempotent_producer(&conn);
         // The producer keeps lz4 (from `idempotent_producer`): long changelog records come
         // compressed already and barely grow, but a dead letter is the input's payload as read,
         // which fit the broker's limit compressed and may not uncompressed.
@@ -147,6 +147,7 @@ impl Pipeline {
                 cache,
                 admin: Arc::new(admin),
                 producer_config,
+                conn,
                 topics,
                 txn_done: txn_tx,
                 consumer: Arc::clone(&consumer),
@@ -704,14 +705,14 @@ impl Restorer {
                 None
             }
         };
-        let (brokers, changelog, topic) = (
-            s.kafka.brokers.clone(),
+        let (conn, changelog, topic) = (
+            self.conn.clone(),
             self.topics.changelog.clone(),
             s.kafka.topic.clone(),
         );
         let timeout = Duration::from_millis(s.restore_timeout_ms);
         let restored = tokio::task::spawn_blocking(move || {
-            restore::restore(&brokers, &changelog, &topic, p, cached, timeout)
+            restore::restore(&conn, &changelog, &topic, p, cached, timeout)
         })
         .await?
         .with_context(|| format!("partition {p}: restoring its state"))?;

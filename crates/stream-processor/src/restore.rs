@@ -66,7 +66,7 @@ pub enum RestoreError {
 
 /// Restores `partition` of `input_topic` from `changelog`, starting from `cached` if usable.
 pub fn restore(
-    brokers: &str,
+    conn: &service_common::kafka::Connection,
     changelog: &str,
     input_topic: &str,
     partition: i32,
@@ -75,7 +75,7 @@ pub fn restore(
 ) -> Result<Restored, RestoreError> {
     let start = Instant::now();
     let consumer: BaseConsumer<Quiet> =
-        service_common::kafka::manual_consumer(brokers, &format!("{changelog}-restore"))
+        service_common::kafka::manual_consumer(conn, &format!("{changelog}-restore"))
             .set("enable.partition.eof", "true")
             .set("fetch.max.bytes", "52428800")
             .create_with_context(Quiet)

@@ -49,9 +49,9 @@ impl Application {
         crate::metrics::init();
         let cache = StateStore::open(&settings.state_path, &settings.changelog(), &settings.kafka.topic)
             .with_context(|| format!("opening state store {}", settings.state_path.display()))?;
-        let brokers = settings.kafka.brokers.clone();
+        let conn = settings.kafka.connection().map_err(anyhow::Error::msg)?;
         for topic in [&settings.kafka.topic, &settings.dlq_topic] {
-            service_common::kafka::ensure_shared_topic(&settings.kafka, topic).await;
+            service_common::kafka::ensure_shared_topic(&settings.kafka, &conn, topic).await;
         }
         let admin = TcpListener::bind((settings.admin_bind_addr.as_str(), settings.admin_port))
             .await
@@ -60,7 +60,7 @@ impl Application {
         let (inputs_tx, inputs) = mpsc::channel(INPUT_QUEUE);
         let consumer = Arc::new(
             consumer::create(
-                &brokers,
+                &conn,
                 &settings.group_id,
                 instance_id.as_deref(),
                 settings.session_timeout_ms,
@@ -74,7 +74,7 @@ impl Application {
         let partitions = partition_count(&consumer, &settings.kafka.topic).await?;
         let changelog = settings.changelog();
         service_common::kafka::ensure_topic_with_config_retry(
-            &brokers,
+            &conn,
             &changelog,
             partitions,
             settings.kafka.replication,
@@ -96,6 +96,7 @@ impl Application {
         let settings = Arc::new(settings);
         tracing::info!(
             brokers = %settings.kafka.brokers,
+            security_protocol = settings.kafka.security_protocol.as_str(),
             topic = %settings.kafka.topic,
             changelog = %changelog,
             group = %settings.group_id,

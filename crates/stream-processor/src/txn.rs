@@ -90,7 +90,7 @@ impl TxnWriter {
     /// partition and this assignment's `generation`.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
-        config: &rdkafka::ClientConfig,
+        config: &service_common::kafka::KafkaConfig,
         partition: i32,
         generation: u64,
         topics: Topics,

@@ -129,6 +129,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// How tests reach `brokers`: with the security settings of the environment
+/// (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*`, `KAFKA_SSL_*`, `KAFKA_OPTIONS`; plaintext when
+/// unset), so the suite runs against a secured cluster too.
+pub fn connection(brokers: &str) -> service_common::kafka::Connection {
+    service_common::kafka::connection_from_env(brokers).expect("the connection settings of the environment")
+}
+
 /// A name no other test run uses: `prefix-<random>`.
 pub fn unique(prefix: &str) -> String {
     let n: u64 = rand::rng().random();
@@ -137,7 +144,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// A reader of the whole topic from the beginning, without a consumer group (so no join delay).
 pub fn reader(brokers: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = service_common::kafka::manual_consumer(brokers, &unique("test-reader"))
+    let consumer: BaseConsumer = service_common::kafka::manual_consumer(&connection(brokers), &unique("test-reader"))
         .create()
         .expect("consumer");
     let md = consumer
@@ -194,7 +201,7 @@ pub fn key_str(msg: &OwnedMessage) -> String {
 
 /// Creates a topic with `partitions` partitions (fine if it exists).
 pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    service_common::kafka::ensure_topic(brokers, topic, partitions, 1)
+    service_common::kafka::ensure_topic(&connection(brokers), topic, partitions, 1)
         .await
         .expect("create topic");
 }
@@ -203,7 +210,7 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 /// for every acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, records: &[(Option<String>, Vec<u8>)]) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = service_common::kafka::idempotent_producer(brokers)
+    let producer: FutureProducer = service_common::kafka::idempotent_producer(&connection(brokers))
         .set("linger.ms", "5")
         .create()
         .expect("producer");
