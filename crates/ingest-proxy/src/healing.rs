@@ -1,7 +1,7 @@
 //! The proxy's producer handle that survives librdkafka's fatal errors.
 
-use service_common::kafka::KafkaConfig;
 use rdkafka::error::KafkaError;
+use service_common::kafka::KafkaConfig;
 
 /// A producer that is replaced as a whole when librdkafka declares it dead (a fatal error: an
 /// idempotent producer whose sequence numbers the broker no longer accepts, for example after

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::healing::HealingProducer;
-use service_common::kafka::{Connection, KafkaConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use service_common::kafka::{Connection, KafkaConfig};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use telemetry_core::Event;
 

@@ -74,7 +74,12 @@ impl Application {
 
 /// Creates the topic once the broker answers, then keeps `ready` up to date.
 async fn watch_broker(publisher: Arc<Publisher>, settings: Arc<Settings>, ready: Arc<AtomicBool>) {
-    service_common::kafka::ensure_shared_topic(&settings.kafka, publisher.connection(), &settings.kafka.topic).await;
+    service_common::kafka::ensure_shared_topic(
+        &settings.kafka,
+        publisher.connection(),
+        &settings.kafka.topic,
+    )
+    .await;
     let interval = Duration::from_millis(settings.ready_check_interval_ms);
     loop {
         let p = Arc::clone(&publisher);

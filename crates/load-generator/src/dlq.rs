@@ -27,7 +27,9 @@ pub struct DlqReader {
 
 impl std::fmt::Debug for DlqReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DlqReader").field("partitions", &self.partitions).finish()
+        f.debug_struct("DlqReader")
+            .field("partitions", &self.partitions)
+            .finish()
     }
 }
 
@@ -94,7 +96,9 @@ impl DlqReader {
                     let Some(payload) = m.payload() else { continue };
                     // An invalid payload may have no identity: it cannot be an acknowledged
                     // event (the proxy validates what it accepts).
-                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { continue };
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                        continue;
+                    };
                     let (Some(device), Some(ts)) = (v["deviceId"].as_str(), v["ts"].as_i64()) else {
                         continue;
                     };

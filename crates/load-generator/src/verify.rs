@@ -152,7 +152,10 @@ pub fn account(r: &mut Report, stored: &[Key], m: &Manifest, dead: &[DeadLetter]
     let stored: HashSet<&Key> = stored.iter().collect();
     let mut letters: HashMap<Key, Vec<&str>> = HashMap::new();
     for d in dead {
-        letters.entry((d.device_id.clone(), d.ts)).or_default().push(&d.why);
+        letters
+            .entry((d.device_id.clone(), d.ts))
+            .or_default()
+            .push(&d.why);
     }
     r.dlq_read = true;
     for (key, sends) in &m.sends {
@@ -217,8 +220,11 @@ impl Letters {
         .await?;
         self.reader = Some(reader);
         let prefix = self.prefix.as_deref();
-        self.read
-            .extend(more?.into_iter().filter(|d| prefix.is_none_or(|p| d.device_id.starts_with(p))));
+        self.read.extend(
+            more?
+                .into_iter()
+                .filter(|d| prefix.is_none_or(|p| d.device_id.starts_with(p))),
+        );
         Ok(Some(&self.read))
     }
 }
@@ -288,7 +294,17 @@ mod tests {
 
     #[test]
     fn every_acknowledged_send_is_stored_dropped_as_a_duplicate_or_dead_lettered() {
-        let lines = [("a", 1), ("a", 1), ("a", 2), ("b", 1), ("b", 1), ("b", 2), ("c", 1), ("c", 1), ("c", 1)];
+        let lines = [
+            ("a", 1),
+            ("a", 1),
+            ("a", 2),
+            ("b", 1),
+            ("b", 1),
+            ("b", 2),
+            ("c", 1),
+            ("c", 1),
+            ("c", 1),
+        ];
         let text: String = lines
             .iter()
             .map(|(d, ts)| format!("{{\"deviceId\":\"{d}\",\"ts\":{ts},\"status\":\"accepted\"}}\n"))
@@ -306,8 +322,14 @@ mod tests {
         account(&mut r, &stored, &m, &dead);
         assert_eq!(r.acknowledged, 9);
         assert_eq!(r.missing, 1, "b@2: neither stored nor dead-lettered");
-        assert_eq!(r.dead_lettered, BTreeMap::from([("late: below the watermark".to_owned(), 1)]));
-        assert_eq!(r.resends_dead_lettered, BTreeMap::from([("late: forgotten".to_owned(), 1)]));
+        assert_eq!(
+            r.dead_lettered,
+            BTreeMap::from([("late: below the watermark".to_owned(), 1)])
+        );
+        assert_eq!(
+            r.resends_dead_lettered,
+            BTreeMap::from([("late: forgotten".to_owned(), 1)])
+        );
         assert_eq!(r.dropped_duplicates, 2, "a@1's second send and c@1's third");
         assert!(!r.clean(), "b@2 is missing");
     }

@@ -26,7 +26,13 @@ impl std::fmt::Debug for Connection {
         let settings: Vec<String> = self
             .settings
             .iter()
-            .map(|(k, v, secret)| if *secret { format!("{k}=<redacted>") } else { format!("{k}={v}") })
+            .map(|(k, v, secret)| {
+                if *secret {
+                    format!("{k}=<redacted>")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
             .collect();
         f.debug_struct("Connection")
             .field("brokers", &self.brokers)
@@ -90,7 +96,12 @@ impl Connection {
         KafkaConfig {
             config,
             options: options.into(),
-            secrets: self.settings.iter().filter(|s| s.2).map(|s| s.0.clone()).collect(),
+            secrets: self
+                .settings
+                .iter()
+                .filter(|s| s.2)
+                .map(|s| s.0.clone())
+                .collect(),
         }
     }
 
@@ -158,7 +169,10 @@ impl KafkaConfig {
         self.finished().create()
     }
 
-    pub fn create_with_context<C: ClientContext, T: FromClientConfigAndContext<C>>(&self, context: C) -> KafkaResult<T> {
+    pub fn create_with_context<C: ClientContext, T: FromClientConfigAndContext<C>>(
+        &self,
+        context: C,
+    ) -> KafkaResult<T> {
         self.finished().create_with_context(context)
     }
 }
@@ -209,6 +223,77 @@ pub fn manual_consumer(conn: &Connection, group: &str) -> KafkaConfig {
     c
 }
 
+/// A client context that keeps the first error librdkafka reported for the client (a refused
+/// authentication, a TLS handshake that failed), so an operation that only times out can say
+/// why.
+#[derive(Debug, Clone, Default)]
+pub struct Noted {
+    last: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Noted {
+    pub fn last_error(&self) -> Option<String> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ClientContext for Noted {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // The first is the cause ("all brokers down" follows it).
+        let mut first = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(format!("{error}: {reason}"));
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Noted {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// What a client connecting with `conn` reports within `within`, when anything: an admin
+/// operation that cannot reach the brokers only times out, while a client that is polled hears
+/// why (authentication refused, TLS handshake failed, ...).
+pub fn diagnose(conn: &Connection, within: Duration) -> Option<String> {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let noted = Noted::default();
+    let probe: BaseProducer<Noted> = conn.config().create_with_context(noted.clone()).ok()?;
+    let deadline = std::time::Instant::now() + within;
+    while noted.last_error().is_none() && std::time::Instant::now() < deadline {
+        probe.poll(Duration::from_millis(100));
+        if probe
+            .client()
+            .fetch_metadata(None, Duration::from_millis(100))
+            .is_ok()
+        {
+            break;
+        }
+    }
+    drop_in_background(probe);
+    noted.last_error()
+}
+
+/// A topic could not be created or found; `cause` is what the client last reported, when
+/// anything (the broker's answer alone may be only a timeout).
+#[derive(Debug)]
+pub struct TopicError {
+    pub error: KafkaError,
+    pub cause: Option<String>,
+}
+
+impl std::fmt::Display for TopicError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.cause {
+            Some(cause) => write!(f, "{} (client error: {cause})", self.error),
+            None => write!(f, "{}", self.error),
+        }
+    }
+}
+
+impl std::error::Error for TopicError {}
+
 /// Creates `topic` with `partitions` partitions; an existing topic is fine (its partition
 /// count is left as it is).
 pub async fn ensure_topic(
@@ -216,7 +301,7 @@ pub async fn ensure_topic(
     topic: &str,
     partitions: i32,
     replication: i32,
-) -> Result<(), KafkaError> {
+) -> Result<(), TopicError> {
     ensure_topic_with_config(conn, topic, partitions, replication, &[]).await
 }
 
@@ -227,8 +312,12 @@ pub async fn ensure_topic_with_config(
     partitions: i32,
     replication: i32,
     configs: &[(&str, &str)],
-) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = conn.admin().create()?;
+) -> Result<(), TopicError> {
+    let fail = |error| TopicError {
+        error,
+        cause: diagnose(conn, Duration::from_secs(2)),
+    };
+    let admin: AdminClient<DefaultClientContext> = conn.admin().create().map_err(fail)?;
     let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     for (k, v) in configs {
         new_topic = new_topic.set(k, v);
@@ -238,10 +327,10 @@ pub async fn ensure_topic_with_config(
         .operation_timeout(Some(Duration::from_secs(5)));
     let results = admin.create_topics([&new_topic], &opts).await;
     drop_in_background(admin);
-    for result in results? {
+    for result in results.map_err(fail)? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+            Err((_, code)) => return Err(fail(KafkaError::AdminOp(code))),
         }
     }
     Ok(())
@@ -280,5 +369,127 @@ pub async fn ensure_topic_with_config_retry(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secured() -> Connection {
+        Connection {
+            brokers: "broker:9093".into(),
+            settings: vec![
+                ("security.protocol".to_owned(), "sasl_ssl".to_owned(), false),
+                ("sasl.mechanism".to_owned(), "SCRAM-SHA-256".to_owned(), false),
+                ("sasl.username".to_owned(), "user".to_owned(), false),
+                ("sasl.password".to_owned(), "sekrit-2".to_owned(), true),
+                ("ssl.ca.location".to_owned(), "/ca.pem".to_owned(), false),
+                ("socket.keepalive.enable".to_owned(), "true".to_owned(), false),
+                ("linger.ms".to_owned(), "50".to_owned(), false),
+            ]
+            .into(),
+        }
+    }
+
+    /// Every client role the project builds, each from the one connection.
+    fn roles(conn: &Connection) -> Vec<(&'static str, KafkaConfig)> {
+        let mut tuned = idempotent_producer(conn);
+        tuned.set("linger.ms", "5");
+        vec![
+            ("proxy producer, tests' and benchmarks' producers", tuned),
+            (
+                "checkpoint writer (changelog, dead letters, offsets)",
+                transactional_producer(conn, "g-t-0"),
+            ),
+            (
+                "group consumer, restore consumer, dead-letter reader",
+                manual_consumer(conn, "g"),
+            ),
+            ("admin client (topics)", conn.admin()),
+            ("admin client (offsets, metadata)", conn.config()),
+        ]
+    }
+
+    #[test]
+    fn every_client_role_carries_the_connection_settings_and_the_options_last() {
+        let conn = secured();
+        for (role, config) in roles(&conn) {
+            assert_eq!(
+                config.get("bootstrap.servers").as_deref(),
+                Some("broker:9093"),
+                "{role}"
+            );
+            assert_eq!(
+                config.get("security.protocol").as_deref(),
+                Some("sasl_ssl"),
+                "{role}"
+            );
+            assert_eq!(
+                config.get("sasl.mechanism").as_deref(),
+                Some("SCRAM-SHA-256"),
+                "{role}"
+            );
+            assert_eq!(config.get("sasl.username").as_deref(), Some("user"), "{role}");
+            assert_eq!(config.get("sasl.password").as_deref(), Some("sekrit-2"), "{role}");
+            assert_eq!(
+                config.get("ssl.ca.location").as_deref(),
+                Some("/ca.pem"),
+                "{role}"
+            );
+            assert_eq!(
+                config.get("socket.keepalive.enable").as_deref(),
+                Some("true"),
+                "{role}"
+            );
+            assert_eq!(
+                config.get("linger.ms").as_deref(),
+                Some("50"),
+                "{role}: an option wins over the tuning"
+            );
+            let shown = format!("{config:?} {conn:?}");
+            assert!(
+                !shown.contains("sekrit-2") && shown.contains("sasl.password=<redacted>"),
+                "{role}: {shown}"
+            );
+        }
+        let plain = Connection::plaintext("b:1");
+        for (role, config) in roles(&plain) {
+            assert_eq!(
+                config.get("security.protocol"),
+                None,
+                "{role}: librdkafka's default, plaintext"
+            );
+        }
+    }
+
+    /// No client is configured outside this module: every place that builds one starts from a
+    /// [`Connection`], so none can miss the connection settings.
+    #[test]
+    fn no_client_configuration_is_built_anywhere_else() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut offenders = Vec::new();
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("crates dir").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs")
+                    && !path.ends_with("service-common/src/kafka.rs")
+                {
+                    let text = std::fs::read_to_string(&path).expect("source");
+                    for needle in ["ClientConfig::new(", "set(\"bootstrap.servers\""] {
+                        if text.contains(needle) {
+                            offenders.push(format!("{} ({needle})", path.display()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "clients configured outside service_common::kafka: {offenders:?}"
+        );
     }
 }

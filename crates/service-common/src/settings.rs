@@ -41,36 +41,73 @@ pub struct KafkaArgs {
     #[arg(
         long = "kafka-security-protocol",
         env = "KAFKA_SECURITY_PROTOCOL",
+        value_name = "KAFKA_SECURITY_PROTOCOL",
         value_enum,
         ignore_case = true,
         default_value = "plaintext"
     )]
     pub security_protocol: SecurityProtocol,
     /// SASL mechanism (with sasl_plaintext or sasl_ssl): PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
-    #[arg(long = "kafka-sasl-mechanism", env = "KAFKA_SASL_MECHANISM", value_enum, ignore_case = true)]
+    #[arg(
+        long = "kafka-sasl-mechanism",
+        env = "KAFKA_SASL_MECHANISM",
+        value_name = "KAFKA_SASL_MECHANISM",
+        value_enum,
+        ignore_case = true
+    )]
     pub sasl_mechanism: Option<SaslMechanism>,
     /// SASL user name.
-    #[arg(long = "kafka-sasl-username", env = "KAFKA_SASL_USERNAME")]
+    #[arg(
+        long = "kafka-sasl-username",
+        env = "KAFKA_SASL_USERNAME",
+        value_name = "KAFKA_SASL_USERNAME"
+    )]
     pub sasl_username: Option<String>,
     /// SASL password (or KAFKA_SASL_PASSWORD_FILE). Never logged or shown.
-    #[arg(long = "kafka-sasl-password", env = "KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "kafka-sasl-password",
+        env = "KAFKA_SASL_PASSWORD",
+        value_name = "KAFKA_SASL_PASSWORD",
+        hide_env_values = true
+    )]
     pub sasl_password: Option<Secret>,
     /// File holding the SASL password (a Docker or Kubernetes secret); a final newline is not
     /// part of it.
-    #[arg(long = "kafka-sasl-password-file", env = "KAFKA_SASL_PASSWORD_FILE")]
+    #[arg(
+        long = "kafka-sasl-password-file",
+        env = "KAFKA_SASL_PASSWORD_FILE",
+        value_name = "KAFKA_SASL_PASSWORD_FILE"
+    )]
     pub sasl_password_file: Option<PathBuf>,
     /// PEM file of the CA certificates that sign the brokers' certificates (with ssl or
     /// sasl_ssl; unset: the system's CA store).
-    #[arg(long = "kafka-ssl-ca-location", env = "KAFKA_SSL_CA_LOCATION")]
+    #[arg(
+        long = "kafka-ssl-ca-location",
+        env = "KAFKA_SSL_CA_LOCATION",
+        value_name = "KAFKA_SSL_CA_LOCATION"
+    )]
     pub ssl_ca_location: Option<PathBuf>,
     /// PEM file of this client's certificate, for mutual TLS.
-    #[arg(long = "kafka-ssl-certificate-location", env = "KAFKA_SSL_CERTIFICATE_LOCATION")]
+    #[arg(
+        long = "kafka-ssl-certificate-location",
+        env = "KAFKA_SSL_CERTIFICATE_LOCATION",
+        value_name = "KAFKA_SSL_CERTIFICATE_LOCATION"
+    )]
     pub ssl_certificate_location: Option<PathBuf>,
     /// PEM file of this client's private key, for mutual TLS.
-    #[arg(long = "kafka-ssl-key-location", env = "KAFKA_SSL_KEY_LOCATION")]
+    #[arg(
+        long = "kafka-ssl-key-location",
+        env = "KAFKA_SSL_KEY_LOCATION",
+        value_name = "KAFKA_SSL_KEY_LOCATION"
+    )]
     pub ssl_key_location: Option<PathBuf>,
     /// Password of that private key, when it is encrypted. Never logged or shown.
-    #[arg(long = "kafka-ssl-key-password", env = "KAFKA_SSL_KEY_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "kafka-ssl-key-password",
+        env = "KAFKA_SSL_KEY_PASSWORD",
+        value_name = "KAFKA_SSL_KEY_PASSWORD",
+        hide_env_values = true
+    )]
     pub ssl_key_password: Option<Secret>,
     /// Any other librdkafka property as key=value, applied last to every client (repeatable;
     /// KAFKA_OPTIONS takes them comma separated). The properties the guarantee depends on are
@@ -78,6 +115,7 @@ pub struct KafkaArgs {
     #[arg(
         long = "kafka-option",
         env = "KAFKA_OPTIONS",
+        value_name = "KAFKA_OPTIONS",
         value_delimiter = ',',
         value_parser = parse_kafka_option
     )]
@@ -217,9 +255,15 @@ pub const REFUSED_OPTIONS: &[(&str, &str)] = &[
     ("acks", "the exactly-once guarantee depends on it"),
     ("isolation.level", "the exactly-once guarantee depends on it"),
     ("enable.auto.commit", "the exactly-once guarantee depends on it"),
-    ("enable.auto.offset.store", "the exactly-once guarantee depends on it"),
+    (
+        "enable.auto.offset.store",
+        "the exactly-once guarantee depends on it",
+    ),
     ("transactional.id", "the exactly-once guarantee depends on it"),
-    ("partitioner", "per-device order depends on it (murmur2 on the key)"),
+    (
+        "partitioner",
+        "per-device order depends on it (murmur2 on the key)",
+    ),
     ("group.id", "set GROUP_ID"),
     ("group.instance.id", "set GROUP_INSTANCE_ID"),
     ("bootstrap.servers", "set KAFKA_BROKERS"),
@@ -228,7 +272,10 @@ pub const REFUSED_OPTIONS: &[(&str, &str)] = &[
     ("sasl.mechanism", "set KAFKA_SASL_MECHANISM"),
     ("sasl.mechanisms", "set KAFKA_SASL_MECHANISM"),
     ("sasl.username", "set KAFKA_SASL_USERNAME"),
-    ("sasl.password", "set KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD_FILE"),
+    (
+        "sasl.password",
+        "set KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD_FILE",
+    ),
     ("ssl.ca.location", "set KAFKA_SSL_CA_LOCATION"),
     ("ssl.certificate.location", "set KAFKA_SSL_CERTIFICATE_LOCATION"),
     ("ssl.key.location", "set KAFKA_SSL_KEY_LOCATION"),
@@ -251,7 +298,11 @@ impl KafkaArgs {
     /// file), then the pass-through options; each `(key, value, secret)`.
     pub fn security_settings(&self) -> Result<Vec<(String, String, bool)>, String> {
         let protocol = self.security_protocol;
-        let mut out = vec![("security.protocol".to_owned(), protocol.as_str().to_owned(), false)];
+        let mut out = vec![(
+            "security.protocol".to_owned(),
+            protocol.as_str().to_owned(),
+            false,
+        )];
         let sasl_set = [
             ("KAFKA_SASL_MECHANISM", self.sasl_mechanism.is_some()),
             ("KAFKA_SASL_USERNAME", self.sasl_username.is_some()),
@@ -265,10 +316,16 @@ impl KafkaArgs {
         ];
         if protocol.uses_sasl() {
             let mechanism = self.sasl_mechanism.ok_or_else(|| {
-                format!("KAFKA_SECURITY_PROTOCOL={} needs KAFKA_SASL_MECHANISM", protocol.as_str())
+                format!(
+                    "KAFKA_SECURITY_PROTOCOL={} needs KAFKA_SASL_MECHANISM",
+                    protocol.as_str()
+                )
             })?;
             let user = self.sasl_username.clone().ok_or_else(|| {
-                format!("KAFKA_SECURITY_PROTOCOL={} needs KAFKA_SASL_USERNAME", protocol.as_str())
+                format!(
+                    "KAFKA_SECURITY_PROTOCOL={} needs KAFKA_SASL_USERNAME",
+                    protocol.as_str()
+                )
             })?;
             let password = match (&self.sasl_password, &self.sasl_password_file) {
                 (Some(p), None) => p.expose().to_owned(),
@@ -305,16 +362,27 @@ impl KafkaArgs {
         if protocol.uses_tls() {
             for (name, key, path) in [
                 ("KAFKA_SSL_CA_LOCATION", "ssl.ca.location", &self.ssl_ca_location),
-                ("KAFKA_SSL_CERTIFICATE_LOCATION", "ssl.certificate.location", &self.ssl_certificate_location),
-                ("KAFKA_SSL_KEY_LOCATION", "ssl.key.location", &self.ssl_key_location),
+                (
+                    "KAFKA_SSL_CERTIFICATE_LOCATION",
+                    "ssl.certificate.location",
+                    &self.ssl_certificate_location,
+                ),
+                (
+                    "KAFKA_SSL_KEY_LOCATION",
+                    "ssl.key.location",
+                    &self.ssl_key_location,
+                ),
             ] {
                 if let Some(path) = path {
-                    std::fs::File::open(path).map_err(|e| format!("{name}: cannot read {}: {e}", path.display()))?;
+                    std::fs::File::open(path)
+                        .map_err(|e| format!("{name}: cannot read {}: {e}", path.display()))?;
                     out.push((key.into(), path.display().to_string(), false));
                 }
             }
             if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
-                return Err("mutual TLS needs both KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION".into());
+                return Err(
+                    "mutual TLS needs both KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION".into(),
+                );
             }
             if let Some(p) = &self.ssl_key_password {
                 out.push(("ssl.key.password".into(), p.expose().to_owned(), true));
@@ -489,6 +557,174 @@ mod tests {
             .try_get_matches_from(["no-defaults"])
             .expect_err("PORT has no default");
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[derive(Debug, Parser)]
+    struct DemoKafka {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    fn kafka(args: &[&str]) -> KafkaArgs {
+        let mut argv = vec!["demo"];
+        argv.extend_from_slice(args);
+        DemoKafka::command()
+            .mut_args(|a| a.env(None::<&str>))
+            .try_get_matches_from(argv)
+            .map(|m| {
+                <DemoKafka as clap::FromArgMatches>::from_arg_matches(&m)
+                    .expect("parses")
+                    .kafka
+            })
+            .expect("valid arguments")
+    }
+
+    fn refused(args: &[&str]) -> String {
+        kafka(args).security_settings().expect_err("refused")
+    }
+
+    #[test]
+    fn plaintext_by_default_and_sasl_needs_its_mechanism_user_and_one_password() {
+        let plain = kafka(&[]).security_settings().expect("valid");
+        assert_eq!(
+            plain,
+            vec![("security.protocol".into(), "plaintext".into(), false)]
+        );
+        let sasl = ["--kafka-security-protocol", "SASL_SSL"];
+        assert!(refused(&sasl).contains("KAFKA_SASL_MECHANISM"));
+        let with_mech = [&sasl[..], &["--kafka-sasl-mechanism", "scram-sha-512"]].concat();
+        assert!(refused(&with_mech).contains("KAFKA_SASL_USERNAME"));
+        let with_user = [&with_mech[..], &["--kafka-sasl-username", "u"]].concat();
+        let e = refused(&with_user);
+        assert!(
+            e.contains("KAFKA_SASL_PASSWORD") && e.contains("KAFKA_SASL_PASSWORD_FILE"),
+            "{e}"
+        );
+        let full = [&with_user[..], &["--kafka-sasl-password", "sekrit-1"]].concat();
+        let settings = kafka(&full).security_settings().expect("valid");
+        assert!(settings.contains(&("security.protocol".into(), "sasl_ssl".into(), false)));
+        assert!(settings.contains(&("sasl.mechanism".into(), "SCRAM-SHA-512".into(), false)));
+        assert!(
+            settings.contains(&("sasl.password".into(), "sekrit-1".into(), true)),
+            "marked secret"
+        );
+        assert!(
+            !format!("{:?}", kafka(&full)).contains("sekrit-1"),
+            "the settings' Debug never shows the password"
+        );
+        let both = [&full[..], &["--kafka-sasl-password-file", "/etc/hostname"]].concat();
+        assert!(refused(&both).contains("not both"));
+    }
+
+    #[test]
+    fn the_password_file_is_read_without_its_final_newline_and_a_bad_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("kafka-args-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("password");
+        std::fs::write(&file, "from-a-secret\n").expect("written");
+        let path = file.display().to_string();
+        let base = [
+            "--kafka-security-protocol",
+            "sasl_plaintext",
+            "--kafka-sasl-mechanism",
+            "PLAIN",
+            "--kafka-sasl-username",
+            "u",
+        ];
+        let args = [&base[..], &["--kafka-sasl-password-file", &path]].concat();
+        let settings = kafka(&args).security_settings().expect("valid");
+        assert!(settings.contains(&("sasl.password".into(), "from-a-secret".into(), true)));
+        std::fs::write(&file, "").expect("written");
+        assert!(refused(&args).contains("KAFKA_SASL_PASSWORD_FILE"));
+        let missing = [
+            &base[..],
+            &["--kafka-sasl-password-file", "/nonexistent/password"],
+        ]
+        .concat();
+        assert!(refused(&missing).starts_with("KAFKA_SASL_PASSWORD_FILE: cannot read"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn settings_of_a_protocol_not_in_use_and_unreadable_certificates_are_named() {
+        let e = refused(&["--kafka-sasl-mechanism", "PLAIN"]);
+        assert!(
+            e.starts_with("KAFKA_SASL_MECHANISM is set") && e.contains("plaintext"),
+            "{e}"
+        );
+        let e = refused(&[
+            "--kafka-security-protocol",
+            "sasl_plaintext",
+            "--kafka-sasl-mechanism",
+            "PLAIN",
+            "--kafka-sasl-username",
+            "u",
+            "--kafka-sasl-password",
+            "p",
+            "--kafka-ssl-ca-location",
+            "/etc/hostname",
+        ]);
+        assert!(e.starts_with("KAFKA_SSL_CA_LOCATION is set"), "{e}");
+        let e = refused(&[
+            "--kafka-security-protocol",
+            "ssl",
+            "--kafka-ssl-ca-location",
+            "/nonexistent/ca.pem",
+        ]);
+        assert!(e.starts_with("KAFKA_SSL_CA_LOCATION: cannot read"), "{e}");
+        let e = refused(&[
+            "--kafka-security-protocol",
+            "ssl",
+            "--kafka-ssl-certificate-location",
+            "/etc/hostname",
+        ]);
+        assert!(e.contains("KAFKA_SSL_KEY_LOCATION"), "{e}");
+        let ok = kafka(&[
+            "--kafka-security-protocol",
+            "ssl",
+            "--kafka-ssl-ca-location",
+            "/etc/hostname",
+        ]);
+        assert!(ok.security_settings().expect("valid").contains(&(
+            "ssl.ca.location".into(),
+            "/etc/hostname".into(),
+            false
+        )));
+    }
+
+    #[test]
+    fn pass_through_options_come_last_and_the_guarantees_properties_are_refused() {
+        let args = kafka(&[
+            "--kafka-option",
+            "socket.keepalive.enable=true,client.rack=r1",
+            "--kafka-option",
+            "sasl.oauthbearer.client.secret=hush",
+        ]);
+        let settings = args.security_settings().expect("valid");
+        assert_eq!(
+            &settings[1..],
+            &[
+                ("socket.keepalive.enable".into(), "true".into(), false),
+                ("client.rack".into(), "r1".into(), false),
+                ("sasl.oauthbearer.client.secret".into(), "hush".into(), true),
+            ]
+        );
+        assert!(
+            !format!("{args:?}").contains("hush"),
+            "a secret-looking option's value is not shown"
+        );
+        for (key, _) in REFUSED_OPTIONS {
+            let e = refused(&["--kafka-option", &format!("{key}=x")]);
+            assert!(
+                e.starts_with(&format!("KAFKA_OPTIONS: {key} cannot be set here")),
+                "{e}"
+            );
+        }
+        let err = DemoKafka::command()
+            .mut_args(|a| a.env(None::<&str>))
+            .try_get_matches_from(["demo", "--kafka-option", "no-value"])
+            .expect_err("refused");
+        assert!(err.to_string().contains("key=value"), "{err}");
     }
 
     #[test]

@@ -64,12 +64,13 @@ fn stream(n: usize) -> (Vec<(usize, i64)>, usize) {
 }
 
 async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
-    let producer: FutureProducer = service_common::kafka::idempotent_producer(&Connection::plaintext(brokers))
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "200000")
-        .create()
-        .expect("producer");
+    let producer: FutureProducer =
+        service_common::kafka::idempotent_producer(&Connection::plaintext(brokers))
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "200000")
+            .create()
+            .expect("producer");
     let start = Instant::now();
     let mut pending = VecDeque::new();
     for (device, ts) in events {
@@ -104,11 +105,13 @@ async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
 }
 
 fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
-    let consumer: BaseConsumer =
-        service_common::kafka::manual_consumer(&Connection::plaintext(brokers), &format!("bench-raw-{}", std::process::id()))
-            .set("fetch.max.bytes", "16777216")
-            .create()
-            .expect("consumer");
+    let consumer: BaseConsumer = service_common::kafka::manual_consumer(
+        &Connection::plaintext(brokers),
+        &format!("bench-raw-{}", std::process::id()),
+    )
+    .set("fetch.max.bytes", "16777216")
+    .create()
+    .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition_offset(topic, p, Offset::Beginning)
@@ -384,8 +387,13 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(service_common::kafka::ensure_topic(&Connection::plaintext(brokers), &changelog, 1, 1))
-        .expect("changelog topic");
+    rt.block_on(service_common::kafka::ensure_topic(
+        &Connection::plaintext(brokers),
+        &changelog,
+        1,
+        1,
+    ))
+    .expect("changelog topic");
     let devices = 1000usize;
     let per_device = keys.div_ceil(devices);
     let mut state = PartitionState {
@@ -413,11 +421,13 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
     if let Some(Record::Commit(Commit { resume_offset, .. })) = records.last_mut() {
         *resume_offset = keys as i64;
     }
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        service_common::kafka::transactional_producer(&Connection::plaintext(brokers), &format!("{changelog}-writer"))
-            .set("message.max.bytes", "16777216")
-            .create()
-            .expect("producer");
+    let producer: ThreadedProducer<DefaultProducerContext> = service_common::kafka::transactional_producer(
+        &Connection::plaintext(brokers),
+        &format!("{changelog}-writer"),
+    )
+    .set("message.max.bytes", "16777216")
+    .create()
+    .expect("producer");
     producer.init_transactions(Duration::from_secs(30)).expect("init");
     producer.begin_transaction().expect("begin");
     let mut bytes = 0;
@@ -439,8 +449,15 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         .commit_transaction(Duration::from_secs(120))
         .expect("commit");
     let timeout = Duration::from_secs(600);
-    let from_log =
-        stream_processor::restore::restore(&Connection::plaintext(brokers), &changelog, topic, 0, None, timeout).expect("restore");
+    let from_log = stream_processor::restore::restore(
+        &Connection::plaintext(brokers),
+        &changelog,
+        topic,
+        0,
+        None,
+        timeout,
+    )
+    .expect("restore");
     assert_eq!(
         from_log.state.key_count(),
         state.key_count(),
@@ -459,8 +476,15 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
     rt.block_on(cache.sync()).expect("cache written");
     let start = Instant::now();
     let cached = rt.block_on(cache.load(0)).expect("load");
-    let from_cache =
-        stream_processor::restore::restore(&Connection::plaintext(brokers), &changelog, topic, 0, cached, timeout).expect("restore");
+    let from_cache = stream_processor::restore::restore(
+        &Connection::plaintext(brokers),
+        &changelog,
+        topic,
+        0,
+        cached,
+        timeout,
+    )
+    .expect("restore");
     assert_eq!(from_cache.state.key_count(), state.key_count());
     println!(
         "restore of the same partition from the local cache (source {}): {:.2} s",

@@ -264,7 +264,10 @@ impl PartitionState {
             waiting_added: waiting,
             waiting_removed: Vec::new(),
             evicted: Vec::new(),
-            forgotten: forgotten.into_iter().map(|(d, f)| (d, f.through, f.at_ms)).collect(),
+            forgotten: forgotten
+                .into_iter()
+                .map(|(d, f)| (d, f.through, f.at_ms))
+                .collect(),
             marks: marks
                 .into_iter()
                 .map(|(d, m)| (d, m.max_ts, m.released_max))
@@ -802,8 +805,17 @@ mod tests {
                 ..StateDelta::default()
             }),
         );
-        assert!(s.marks.is_empty() && s.keys.is_empty(), "a record replaces what the device had");
-        assert_eq!(s.forgotten["a"], Forgotten { through: 5, at_ms: 100 });
+        assert!(
+            s.marks.is_empty() && s.keys.is_empty(),
+            "a record replaces what the device had"
+        );
+        assert_eq!(
+            s.forgotten["a"],
+            Forgotten {
+                through: 5,
+                at_ms: 100
+            }
+        );
         // a comes back (dropped first, then its live mark); b's record expires.
         s.apply(
             "t",
@@ -815,14 +827,48 @@ mod tests {
             }),
         );
         assert!(s.forgotten.is_empty());
-        assert_eq!(s.marks["a"], DeviceMark { max_ts: 9, released_max: 5 });
+        assert_eq!(
+            s.marks["a"],
+            DeviceMark {
+                max_ts: 9,
+                released_max: 5
+            }
+        );
         // A live mark alone also supersedes a record.
-        s.apply("t", 0, &state(StateDelta { forgotten: vec![("c".into(), 3, 1)], ..StateDelta::default() }));
-        s.apply("t", 0, &state(StateDelta { marks: vec![("c".into(), 4, 4)], ..StateDelta::default() }));
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                forgotten: vec![("c".into(), 3, 1)],
+                ..StateDelta::default()
+            }),
+        );
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                marks: vec![("c".into(), 4, 4)],
+                ..StateDelta::default()
+            }),
+        );
         assert!(s.forgotten.is_empty());
         // A snapshot carries the records, and an earlier version's floor as it was read.
-        s.apply("t", 0, &state(StateDelta { forgotten: vec![("d".into(), 8, 2)], ..StateDelta::default() }));
-        s.apply("t", 0, &state(StateDelta { forgotten_through: Some(42), ..StateDelta::default() }));
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                forgotten: vec![("d".into(), 8, 2)],
+                ..StateDelta::default()
+            }),
+        );
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                forgotten_through: Some(42),
+                ..StateDelta::default()
+            }),
+        );
         assert_eq!((s.forgotten_through, s.forgotten_through_until), (Some(42), None));
         let mut other = PartitionState::default();
         for r in s.to_records("w-1") {
@@ -830,8 +876,18 @@ mod tests {
         }
         s.resume_offset = Some(0);
         assert_eq!(other, s);
-        s.apply("t", 0, &state(StateDelta { former_floor: Some((42, 77)), ..StateDelta::default() }));
-        assert_eq!((s.forgotten_through, s.forgotten_through_until), (Some(42), Some(77)));
+        s.apply(
+            "t",
+            0,
+            &state(StateDelta {
+                former_floor: Some((42, 77)),
+                ..StateDelta::default()
+            }),
+        );
+        assert_eq!(
+            (s.forgotten_through, s.forgotten_through_until),
+            (Some(42), Some(77))
+        );
         let mut other = PartitionState::default();
         for r in s.to_records("w-2") {
             other.apply("t", 0, &Record::decode(&r.encode(), 0).expect("decodes"));

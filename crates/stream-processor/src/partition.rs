@@ -192,7 +192,15 @@ impl Partition {
         let forgotten: Vec<_> = state
             .forgotten
             .into_iter()
-            .map(|(id, f)| (id, Forgotten { at_ms: rebase(f.at_ms), ..f }))
+            .map(|(id, f)| {
+                (
+                    id,
+                    Forgotten {
+                        at_ms: rebase(f.at_ms),
+                        ..f
+                    },
+                )
+            })
             .collect();
         let until = state.forgotten_through_until.map(|until| match state.clock_ms {
             Some(then) => now.saturating_add(until.saturating_sub(then)),
@@ -494,7 +502,9 @@ impl Partition {
     /// Roughly what a snapshot of this state would take on the changelog, in bytes.
     fn state_estimate(&self) -> usize {
         let outbox: usize = self.outbox.iter().map(|b| b.body.len()).sum();
-        self.cleaner.dedup_len() * 40 + (self.cleaner.device_count() + self.cleaner.forgotten_count()) * 48 + outbox
+        self.cleaner.dedup_len() * 40
+            + (self.cleaner.device_count() + self.cleaner.forgotten_count()) * 48
+            + outbox
     }
 
     fn take_released(&mut self, now: u64) {
@@ -616,7 +626,14 @@ impl Partition {
             let forgotten = self.cleaner.forgotten_records();
             let former = self.cleaner.former_floor();
             let former = (former.map(|f| f.through), former.map(|f| f.until_ms));
-            PartitionState::snapshot_records(marks, keys, forgotten, waiting, former, outbox.collect::<Vec<_>>())
+            PartitionState::snapshot_records(
+                marks,
+                keys,
+                forgotten,
+                waiting,
+                former,
+                outbox.collect::<Vec<_>>(),
+            )
         } else {
             let mut records: Vec<Record> = batches
                 .iter()
@@ -1195,7 +1212,13 @@ mod tests {
         let mut letters = Vec::new();
         // e's first event waits throughout (e keeps sending within its lateness), so the
         // partition resumes from offset 0; d is flushed, forgotten, and resends.
-        let stream = [(("e", 5_000), 0), (("d", 1_000), 0), (("e", 4_910), 900), (("d", 1_000), 1_000), (("e", 4_920), 1_500)];
+        let stream = [
+            (("e", 5_000), 0),
+            (("d", 1_000), 0),
+            (("e", 4_910), 900),
+            (("d", 1_000), 1_000),
+            (("e", 4_920), 1_500),
+        ];
         for (o, ((device, ts), now)) in stream.iter().enumerate() {
             if o == 3 {
                 let a = p.on_tick(1_000, Some(1_000));
@@ -1208,8 +1231,15 @@ mod tests {
         letters.extend(commit_through(&mut p, &mut state, a, 2_100).0);
         let a = p.flush(2_100);
         letters.extend(commit_through(&mut p, &mut state, a, 2_100).0);
-        assert_eq!(offsets(&letters), vec![3], "the resend is late: d's record says it was released");
-        assert!(state.forgotten.is_empty() && !state.marks.contains_key("d"), "then d's record expired");
+        assert_eq!(
+            offsets(&letters),
+            vec![3],
+            "the resend is late: d's record says it was released"
+        );
+        assert!(
+            state.forgotten.is_empty() && !state.marks.contains_key("d"),
+            "then d's record expired"
+        );
         assert_eq!(state.resume_offset, Some(0));
         // Read again, d is new (its record expired): decided again, the resend would be stored
         // after its dead letter.
@@ -1266,7 +1296,11 @@ mod tests {
         let long = with_cleanup(0, 100_000);
         let mut state = PartitionState::default();
         let mut p = Partition::restore(short, PartitionState::default(), 0, 0);
-        for (o, payload, now) in [(0, of("d", 1_000), 0), (1, of("e", 2_000), 0), (2, of("e", 2_100), 1_300)] {
+        for (o, payload, now) in [
+            (0, of("d", 1_000), 0),
+            (1, of("e", 2_000), 0),
+            (2, of("e", 2_100), 1_300),
+        ] {
             let a = p.on_event(None, &payload, o, now);
             commit_through(&mut p, &mut state, a, now);
         }
@@ -1275,7 +1309,11 @@ mod tests {
         let a = p.flush(1_400);
         commit_through(&mut p, &mut state, a, 1_400);
         assert!(!state.marks.contains_key("d"), "d is forgotten");
-        assert_eq!(state.forgotten.get("d").map(|f| f.through), Some(1_000), "and its record persisted");
+        assert_eq!(
+            state.forgotten.get("d").map(|f| f.through),
+            Some(1_000),
+            "and its record persisted"
+        );
         assert!(state.marks.contains_key("e"), "e is not: it sent 100 ms ago");
         // Restarted with FORGET_AFTER_MS raised, d resends its stored event.
         let mut q = Partition::restore(long, state.clone(), 0, 2_000);
@@ -1295,15 +1333,25 @@ mod tests {
         c.cleanup.forgotten_retention_ms = 5_000;
         let mut state = PartitionState::default();
         let writer = 1_000_000_000u64;
-        state.forgotten.insert("d".into(), Forgotten { through: 1_000, at_ms: writer - 4_000 });
+        state.forgotten.insert(
+            "d".into(),
+            Forgotten {
+                through: 1_000,
+                at_ms: writer - 4_000,
+            },
+        );
         state.clock_ms = Some(writer); // the record was 4 s old at the last checkpoint
-        // A new owner whose clock is far ahead of the writer's, then one far behind it.
+                                       // A new owner whose clock is far ahead of the writer's, then one far behind it.
         for start in [2 * writer, writer / 2] {
             let mut p = Partition::restore(c.clone(), state.clone(), 0, start);
             drop(p.on_tick(start + 500, Some(start + 500)));
             assert_eq!(p.devices().2, 1, "4.5 s old: kept (owner starting at {start})");
             drop(p.on_tick(start + 1_100, Some(start + 1_100)));
-            assert_eq!(p.devices().2, 0, "5.1 s old, past the scan's slack: dropped ({start})");
+            assert_eq!(
+                p.devices().2,
+                0,
+                "5.1 s old, past the scan's slack: dropped ({start})"
+            );
         }
     }
 

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
-use service_common::kafka::{Connection, KafkaConfig};
 use rdkafka::consumer::Consumer;
 use rdkafka::TopicPartitionList;
+use service_common::kafka::{Connection, KafkaConfig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

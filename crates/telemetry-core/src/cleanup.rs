@@ -356,7 +356,8 @@ impl Cleaner {
     pub fn rebuffer(&mut self, event: Event, offset: i64, now_ms: u64) -> bool {
         if !self.devices.contains_key(&event.device_id) {
             let through = self.come_back(&event.device_id);
-            self.devices.insert(event.device_id.clone(), Device::new(now_ms, through));
+            self.devices
+                .insert(event.device_id.clone(), Device::new(now_ms, through));
         }
         let width = self.forget_width();
         let device = self.devices.get_mut(&event.device_id).expect("inserted above");
@@ -479,7 +480,9 @@ impl Cleaner {
     /// bucket and are looked at again at the next tick.
     fn forget_silent(&mut self, now_ms: u64) {
         let after = self.config.forget_after_ms;
-        let Some(cutoff) = now_ms.checked_sub(after) else { return };
+        let Some(cutoff) = now_ms.checked_sub(after) else {
+            return;
+        };
         let below = cutoff / self.forget_width();
         let before = self.devices.len();
         let mut waiting = Vec::new();
@@ -502,7 +505,13 @@ impl Cleaner {
                     // ts released (a restored mark may not say so in `released_max`).
                     let through = d.mark.max_ts.max(d.mark.released_max);
                     self.oldest_record_ms = self.oldest_record_ms.min(now_ms);
-                    self.forgotten.insert(key, Forgotten { through, at_ms: now_ms });
+                    self.forgotten.insert(
+                        key,
+                        Forgotten {
+                            through,
+                            at_ms: now_ms,
+                        },
+                    );
                     self.forgotten_since.push(id);
                 } else {
                     waiting.push((bucket, id));
@@ -524,7 +533,9 @@ impl Cleaner {
     /// sixty-fourth: no index of records by age, which would hold every id a second time.
     fn expire(&mut self, now_ms: u64) {
         let retention = self.config.forgotten_retention_ms;
-        let Some(cutoff) = now_ms.checked_sub(retention) else { return };
+        let Some(cutoff) = now_ms.checked_sub(retention) else {
+            return;
+        };
         if self.oldest_record_ms.saturating_add(retention / 64) > cutoff {
             return;
         }
@@ -880,7 +891,13 @@ mod tests {
         cfg_forget(lateness, horizon, idle, horizon as u64, u64::MAX / 4)
     }
 
-    fn cfg_forget(lateness: i64, horizon: i64, idle: u64, forget_after: u64, retention: u64) -> CleanupConfig {
+    fn cfg_forget(
+        lateness: i64,
+        horizon: i64,
+        idle: u64,
+        forget_after: u64,
+        retention: u64,
+    ) -> CleanupConfig {
         CleanupConfig {
             allowed_lateness_ms: lateness,
             dedup_horizon_ms: horizon,
@@ -954,7 +971,10 @@ mod tests {
         c.tick(2_200);
         assert_eq!(released_ts(&mut c), vec![9_000, 10_000]);
         assert_eq!(c.min_buffered_offset(), None);
-        assert_eq!(c.process(ev("quiet", 9_500), 2, 2_300), Outcome::Late(Late::Released));
+        assert_eq!(
+            c.process(ev("quiet", 9_500), 2, 2_300),
+            Outcome::Late(Late::Released)
+        );
         assert_eq!(c.process(ev("quiet", 10_001), 3, 2_300), Outcome::Buffered);
     }
 
@@ -1011,9 +1031,22 @@ mod tests {
         c.tick(5_400);
         assert_eq!(c.device_count(), 1, "old is forgotten, ahead stays");
         assert_eq!(c.forgotten_count(), 1);
-        assert_eq!(c.dedup_len(), 1, "old's identity went with it; ahead's (flushed) stays");
+        assert_eq!(
+            c.dedup_len(),
+            1,
+            "old's identity went with it; ahead's (flushed) stays"
+        );
         let ch = c.take_changes();
-        assert_eq!(ch.forgotten, vec![("old".to_owned(), Forgotten { through: 1_000, at_ms: 5_400 })]);
+        assert_eq!(
+            ch.forgotten,
+            vec![(
+                "old".to_owned(),
+                Forgotten {
+                    through: 1_000,
+                    at_ms: 5_400
+                }
+            )]
+        );
         assert!(ch.evicted.is_empty());
         assert!(ch.new_keys.iter().all(|k| k.device_id == "ahead"));
         assert_eq!(
@@ -1021,7 +1054,10 @@ mod tests {
             Outcome::Late(Late::Forgotten),
             "a resend of what it sent before it was forgotten: not new, and not a kept identity"
         );
-        assert_eq!(c.process(ev("old", 999), 9, 5_500), Outcome::Late(Late::Forgotten));
+        assert_eq!(
+            c.process(ev("old", 999), 9, 5_500),
+            Outcome::Late(Late::Forgotten)
+        );
         assert_eq!(c.forgotten_count(), 1, "a late event does not bring it back");
         assert_eq!(
             c.process(ev("old", 1_001), 10, 5_500),
@@ -1126,12 +1162,23 @@ mod tests {
         let mut c = Cleaner::new(cfg_forget(0, 1_000, 100, 1_000, 1_000_000_000));
         for i in 0..200u64 {
             let now = i * 1_500;
-            assert_eq!(c.process(ev("d", 1_000 + i as i64), i as i64, now), Outcome::Buffered);
+            assert_eq!(
+                c.process(ev("d", 1_000 + i as i64), i as i64, now),
+                Outcome::Buffered
+            );
             c.tick(now + 1_200);
             assert_eq!(c.forgotten_count(), 1, "forgotten after each event");
         }
-        assert_eq!(c.forgotten.len(), 1, "one record, not one per time it was forgotten");
-        assert!(c.forgotten_since.len() <= 400, "what a checkpoint takes: {}", c.forgotten_since.len());
+        assert_eq!(
+            c.forgotten.len(),
+            1,
+            "one record, not one per time it was forgotten"
+        );
+        assert!(
+            c.forgotten_since.len() <= 400,
+            "what a checkpoint takes: {}",
+            c.forgotten_since.len()
+        );
         c.take_changes();
         assert!(c.forgotten_since.is_empty());
     }
@@ -1141,7 +1188,11 @@ mod tests {
         let mut c = Cleaner::new(cfg_forget(10, 1_000, 100, 1_000, 1_000_000));
         for i in 0..50u64 {
             c.process(ev("steady", 1_000 + i as i64), i as i64, i * 500);
-            c.process(ev("jumpy", 10i64.pow(15) + i as i64 * 10i64.pow(12)), 100 + i as i64, i * 500);
+            c.process(
+                ev("jumpy", 10i64.pow(15) + i as i64 * 10i64.pow(12)),
+                100 + i as i64,
+                i * 500,
+            );
             c.tick(i * 500 + 200);
         }
         assert_eq!(c.device_count(), 2);
@@ -1153,7 +1204,11 @@ mod tests {
         let mut c = Cleaner::new(cfg_forget(10, 1_000, 5_000, 1_000, 1_000_000));
         c.process(ev("slow", 1_000), 0, 0);
         c.tick(1_500);
-        assert_eq!(c.device_count(), 1, "silent past forget_after, but its event still waits");
+        assert_eq!(
+            c.device_count(),
+            1,
+            "silent past forget_after, but its event still waits"
+        );
         c.tick(5_000);
         assert_eq!(released_ts(&mut c), vec![1_000], "idle flush");
         assert_eq!(c.device_count(), 0, "flushed and silent: forgotten right after");
@@ -1174,31 +1229,63 @@ mod tests {
             latitude_bits: 1.0f64.to_bits(),
             longitude_bits: 2.0f64.to_bits(),
         }];
-        let records = vec![("b".to_owned(), Forgotten { through: 9_000, at_ms: 50 })];
-        let mut c = Cleaner::restore(cfg_forget(10, 1_000, 500, 1_000, 10_000), marks, keys, 100).with_forgotten(records);
+        let records = vec![(
+            "b".to_owned(),
+            Forgotten {
+                through: 9_000,
+                at_ms: 50,
+            },
+        )];
+        let mut c = Cleaner::restore(cfg_forget(10, 1_000, 500, 1_000, 10_000), marks, keys, 100)
+            .with_forgotten(records);
         assert_eq!(c.process(ev("a", 1_000), 0, 100), Outcome::Duplicate);
         assert_eq!(c.process(ev("b", 9_000), 1, 100), Outcome::Late(Late::Forgotten));
-        assert_eq!(c.process(ev("c", 2), 2, 100), Outcome::Buffered, "new, whatever its clock");
+        assert_eq!(
+            c.process(ev("c", 2), 2, 100),
+            Outcome::Buffered,
+            "new, whatever its clock"
+        );
         c.tick(1_099);
-        assert_eq!(c.device_count(), 2, "a restored device counts as arrived at the restore");
+        assert_eq!(
+            c.device_count(),
+            2,
+            "a restored device counts as arrived at the restore"
+        );
         assert_eq!(released_ts(&mut c), vec![2], "c was flushed");
         c.tick(1_200);
         assert_eq!(c.device_count(), 0, "both silent past forget_after");
         let ch = c.take_changes();
-        assert_eq!(ch.forgotten.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["a", "c"]);
+        assert_eq!(
+            ch.forgotten.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            vec!["a", "c"]
+        );
         c.tick(10_300);
-        assert_eq!(c.forgotten_count(), 2, "b's record expires by when it was made: a and c kept");
+        assert_eq!(
+            c.forgotten_count(),
+            2,
+            "b's record expires by when it was made: a and c kept"
+        );
         assert_eq!(c.take_changes().evicted, vec!["b".to_owned()]);
     }
 
     #[test]
     fn a_former_partition_floor_holds_for_unknown_devices_until_it_expires() {
         let config = cfg_forget(10, 1_000, 500, 1_000, 10_000);
-        let mut c = Cleaner::restore(config, Vec::new(), Vec::new(), 100).with_former_floor(Some(5_000), None, 100);
-        assert_eq!(c.former_floor(), Some(FormerFloor { through: 5_000, until_ms: 10_100 }));
+        let mut c =
+            Cleaner::restore(config, Vec::new(), Vec::new(), 100).with_former_floor(Some(5_000), None, 100);
+        assert_eq!(
+            c.former_floor(),
+            Some(FormerFloor {
+                through: 5_000,
+                until_ms: 10_100
+            })
+        );
         assert_eq!(
             c.take_changes().former_floor,
-            Some(FormerFloor { through: 5_000, until_ms: 10_100 }),
+            Some(FormerFloor {
+                through: 5_000,
+                until_ms: 10_100
+            }),
             "its expiry is recorded once"
         );
         assert_eq!(c.process(ev("x", 5_000), 0, 100), Outcome::Late(Late::Forgotten));
@@ -1207,8 +1294,16 @@ mod tests {
         c.tick(10_100);
         assert_eq!(c.former_floor(), None);
         assert_eq!(c.process(ev("y", 4_000), 3, 10_100), Outcome::Buffered, "expired");
-        let expired = Cleaner::restore(config, Vec::new(), Vec::new(), 20_000).with_former_floor(Some(5_000), Some(10_100), 20_000);
-        assert_eq!(expired.former_floor(), None, "a restore after its expiry drops it");
+        let expired = Cleaner::restore(config, Vec::new(), Vec::new(), 20_000).with_former_floor(
+            Some(5_000),
+            Some(10_100),
+            20_000,
+        );
+        assert_eq!(
+            expired.former_floor(),
+            None,
+            "a restore after its expiry drops it"
+        );
     }
 
     /// A stream: distinct events per device (strictly increasing ts), delivered reordered within

@@ -144,9 +144,10 @@ pub fn unique(prefix: &str) -> String {
 
 /// A reader of the whole topic from the beginning, without a consumer group (so no join delay).
 pub fn reader(brokers: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = service_common::kafka::manual_consumer(&connection(brokers), &unique("test-reader"))
-        .create()
-        .expect("consumer");
+    let consumer: BaseConsumer =
+        service_common::kafka::manual_consumer(&connection(brokers), &unique("test-reader"))
+            .create()
+            .expect("consumer");
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("topic metadata");

@@ -173,7 +173,9 @@ async fn a_ts_more_than_max_future_skew_ahead_gets_400_naming_ts_and_one_within_
     assert_eq!(answer["error"], "invalid_event");
     assert_eq!(answer["field"], "ts");
     assert!(
-        answer["message"].as_str().is_some_and(|m| m.contains("MAX_FUTURE_SKEW_MS")),
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("MAX_FUTURE_SKEW_MS")),
         "{answer}"
     );
     // Within the skew (half an hour ahead) it passes validation: no broker here, so 503.

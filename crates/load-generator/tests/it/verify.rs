@@ -46,24 +46,47 @@ async fn verify_accounts_for_stored_duplicate_and_dead_lettered_sends_and_names_
     let letters = [
         (d("b"), 1, "ts below the device's watermark"),
         (d("b"), 1, "ts below the device's watermark"),
-        (d("c"), 1, "ts at or below what was released for the device before it was forgotten"),
+        (
+            d("c"),
+            1,
+            "ts at or below what was released for the device before it was forgotten",
+        ),
         ("someone-else".to_owned(), 9, "ts below the device's watermark"),
     ];
     for (device, ts, detail) in &letters {
         let payload = event(device, *ts).to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "reason", value: Some("late") })
-            .insert(Header { key: "detail", value: Some(*detail) });
+            .insert(Header {
+                key: "reason",
+                value: Some("late"),
+            })
+            .insert(Header {
+                key: "detail",
+                value: Some(*detail),
+            });
         producer
             .send(
-                FutureRecord::to(&dlq).key(device).payload(&payload).headers(headers),
+                FutureRecord::to(&dlq)
+                    .key(device)
+                    .payload(&payload)
+                    .headers(headers),
                 Duration::from_secs(10),
             )
             .await
             .expect("dead letter written");
     }
 
-    let sends = [("a", 1), ("a", 1), ("a", 2), ("b", 1), ("b", 1), ("b", 2), ("c", 1), ("c", 1), ("c", 1)];
+    let sends = [
+        ("a", 1),
+        ("a", 1),
+        ("a", 2),
+        ("b", 1),
+        ("b", 1),
+        ("b", 2),
+        ("c", 1),
+        ("c", 1),
+        ("c", 1),
+    ];
     let manifest: String = sends
         .iter()
         .map(|(n, ts)| format!("{}\n", json!({"deviceId": d(n), "ts": ts, "status": "accepted"})))
@@ -80,7 +103,9 @@ async fn verify_accounts_for_stored_duplicate_and_dead_lettered_sends_and_names_
         dlq_topic: dlq,
     };
     let start = Instant::now();
-    let r = load_generator::verify::verify(&settings).await.expect("verify runs");
+    let r = load_generator::verify::verify(&settings)
+        .await
+        .expect("verify runs");
     assert!(
         start.elapsed() < Duration::from_secs(30),
         "each read of the topic returns once it is at its end: {:?}",

@@ -34,11 +34,23 @@ async fn devices_with_clocks_minutes_or_years_apart_on_one_partition_all_store_e
             send(&mut records, &mut expected, d, BASE + i * 100, true);
         }
         // 11 minutes behind the others, new to the partition.
-        send(&mut records, &mut expected, "behind", BASE - 11 * 60_000 + i * 100, true);
+        send(
+            &mut records,
+            &mut expected,
+            "behind",
+            BASE - 11 * 60_000 + i * 100,
+            true,
+        );
         if i == 100 {
             // Microseconds instead of milliseconds (written by another producer: the proxy
             // refuses it): in time for its own device, and nobody else's business.
-            send(&mut records, &mut expected, "micros", (BASE + i * 100) * 1_000, true);
+            send(
+                &mut records,
+                &mut expected,
+                "micros",
+                (BASE + i * 100) * 1_000,
+                true,
+            );
         }
         if i >= 150 {
             // New after the far-future event.
@@ -55,7 +67,12 @@ async fn devices_with_clocks_minutes_or_years_apart_on_one_partition_all_store_e
 
     // A pause: every device is forgotten, and that is checkpointed.
     let start = Instant::now();
-    while h.metric(MAIN, "stream_processor_devices_forgotten").await.unwrap_or(0.0) < 7.0 {
+    while h
+        .metric(MAIN, "stream_processor_devices_forgotten")
+        .await
+        .unwrap_or(0.0)
+        < 7.0
+    {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "devices not forgotten: {:?}\n{}",
@@ -90,8 +107,16 @@ async fn devices_with_clocks_minutes_or_years_apart_on_one_partition_all_store_e
     let late: Vec<i64> = letters
         .iter()
         .filter(|(r, _)| r == "late")
-        .map(|(_, p)| serde_json::from_slice::<Value>(p).expect("JSON")["ts"].as_i64().expect("ts"))
+        .map(|(_, p)| {
+            serde_json::from_slice::<Value>(p).expect("JSON")["ts"]
+                .as_i64()
+                .expect("ts")
+        })
         .collect();
-    assert_eq!(late.len(), 2, "the two resends, dead-lettered once each: {letters:?}");
+    assert_eq!(
+        late.len(),
+        2,
+        "the two resends, dead-lettered once each: {letters:?}"
+    );
     assert!(late.contains(&(BASE + 299 * 100)) && late.contains(&(BASE + 100)));
 }

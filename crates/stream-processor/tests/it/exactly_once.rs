@@ -169,9 +169,10 @@ async fn sink_down_for_seconds_mid_stream_loses_and_duplicates_nothing() {
 /// Where each partition's changelog starts: above 0 once a snapshot let the log before it go.
 fn changelog_starts(h: &Harness) -> Vec<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = service_common::kafka::manual_consumer(&test_support::connection(&brokers()), "changelog-starts")
-        .create()
-        .expect("consumer");
+    let consumer: BaseConsumer =
+        service_common::kafka::manual_consumer(&test_support::connection(&brokers()), "changelog-starts")
+            .create()
+            .expect("consumer");
     (0..PARTITIONS)
         .map(|p| {
             consumer

@@ -214,7 +214,12 @@ impl Harness {
     /// is there.
     pub(crate) async fn metric(&self, name: &str, metric: &str) -> Option<f64> {
         let port = self.admin_ports.get(name).copied().unwrap_or(0);
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         let values: Vec<f64> = text
             .lines()
             .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
