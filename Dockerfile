@@ -3,7 +3,7 @@
 
 FROM rust:1.95.0-bookworm AS builder
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake pkg-config zlib1g-dev \
+ && apt-get install -y --no-install-recommends cmake pkg-config zlib1g-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 
@@ -30,7 +30,7 @@ RUN find crates -name '*.rs' -exec touch {} + \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin telemetry \
  && mkdir -p /data && chown telemetry:telemetry /data
