@@ -73,9 +73,13 @@ impl Settings {
                 <= self.http.request_timeout_ms
     }
 
-    /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests.
+    /// Defaults for a given broker and topic on 127.0.0.1 port 0, for tests; the connection's
+    /// security settings come from the environment (`KAFKA_SECURITY_PROTOCOL`...), as for the
+    /// tests' own clients, so the suite runs against a secured cluster too.
     pub fn for_tests(brokers: &str, topic: &str) -> Self {
         let mut s: Settings = service_common::settings::defaults();
+        s.kafka =
+            service_common::kafka::kafka_args_from_env().expect("the Kafka settings of the environment");
         s.kafka.brokers = brokers.to_owned();
         s.kafka.topic = topic.to_owned();
         s.http.port = 0;

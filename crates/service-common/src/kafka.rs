@@ -44,9 +44,34 @@ impl std::fmt::Debug for Connection {
 impl KafkaArgs {
     /// The connection these settings describe; an error names the variable.
     pub fn connection(&self) -> Result<Connection, String> {
+        let settings = self.security_settings()?;
+        // librdkafka checks every property and value now, so a wrong one stops the service at
+        // start, not at the first client it builds (the value is not shown: it may be secret).
+        let mut probe = ClientConfig::new();
+        for (key, value, _) in &settings {
+            probe.set(key, value);
+        }
+        if let Err(e) = probe.create_native_config() {
+            return Err(match e {
+                KafkaError::ClientConfig(_, description, key, value) => {
+                    let variable = if self.options.iter().any(|o| o.key == key) {
+                        "KAFKA_OPTIONS"
+                    } else {
+                        "the Kafka settings"
+                    };
+                    let description = if value.is_empty() {
+                        description
+                    } else {
+                        description.replace(&value, "<value>")
+                    };
+                    format!("{variable}: {key}: {description}")
+                }
+                other => format!("the Kafka settings: {other}"),
+            });
+        }
         Ok(Connection {
             brokers: self.brokers.clone(),
-            settings: self.security_settings()?.into(),
+            settings: settings.into(),
         })
     }
 }
@@ -55,16 +80,21 @@ impl KafkaArgs {
 /// (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*`, `KAFKA_SSL_*`, `KAFKA_OPTIONS`), for tools and
 /// tests that take their broker address elsewhere.
 pub fn connection_from_env(brokers: &str) -> Result<Connection, String> {
+    let mut args = kafka_args_from_env()?;
+    args.brokers = brokers.to_owned();
+    args.connection()
+}
+
+/// The Kafka settings of the process environment alone (no command line).
+pub fn kafka_args_from_env() -> Result<KafkaArgs, String> {
     #[derive(clap::Parser)]
     struct FromEnv {
         #[command(flatten)]
         kafka: KafkaArgs,
     }
-    let mut args = <FromEnv as clap::Parser>::try_parse_from(["connection"])
-        .map_err(|e| e.to_string())?
-        .kafka;
-    args.brokers = brokers.to_owned();
-    args.connection()
+    <FromEnv as clap::Parser>::try_parse_from(["connection"])
+        .map(|a| a.kafka)
+        .map_err(|e| e.to_string())
 }
 
 impl Connection {
@@ -113,6 +143,23 @@ impl Connection {
     }
 }
 
+/// Names librdkafka reads as one property.
+const ALIASES: &[&[&str]] = &[
+    &["linger.ms", "queue.buffering.max.ms"],
+    &["compression.type", "compression.codec"],
+    &["message.timeout.ms", "delivery.timeout.ms"],
+    &["max.in.flight.requests.per.connection", "max.in.flight"],
+];
+
+fn same_property(a: &str, b: &str) -> bool {
+    let strip = |k: &str| k.strip_prefix("topic.").unwrap_or(k).to_owned();
+    let (a, b) = (strip(a), strip(b));
+    a == b
+        || ALIASES
+            .iter()
+            .any(|g| g.contains(&a.as_str()) && g.contains(&b.as_str()))
+}
+
 fn is_security_key(key: &str) -> bool {
     key == "security.protocol" || key.starts_with("sasl.") || key.starts_with("ssl.")
 }
@@ -156,10 +203,21 @@ impl KafkaConfig {
         self.finished().get(key).map(str::to_owned)
     }
 
-    /// The configuration as the client gets it: the pass-through options applied last.
+    /// The configuration as the client gets it: the pass-through options applied last, each
+    /// replacing what the project set for the same property under another of its names (librdkafka
+    /// would take whichever it met first).
     fn finished(&self) -> ClientConfig {
         let mut c = self.config.clone();
         for (k, v) in self.options.iter() {
+            let same: Vec<String> = c
+                .config_map()
+                .keys()
+                .filter(|p| **p != k.as_str() && same_property(p, k))
+                .map(|p| (*p).to_owned())
+                .collect();
+            for p in same {
+                c.remove(&p);
+            }
             c.set(k, v);
         }
         c
@@ -387,6 +445,7 @@ mod tests {
                 ("ssl.ca.location".to_owned(), "/ca.pem".to_owned(), false),
                 ("socket.keepalive.enable".to_owned(), "true".to_owned(), false),
                 ("linger.ms".to_owned(), "50".to_owned(), false),
+                ("topic.compression.codec".to_owned(), "zstd".to_owned(), false),
             ]
             .into(),
         }
@@ -447,6 +506,16 @@ mod tests {
                 Some("50"),
                 "{role}: an option wins over the tuning"
             );
+            assert_eq!(
+                config.get("compression.type"),
+                None,
+                "{role}: and over it under another name"
+            );
+            assert_eq!(
+                config.get("topic.compression.codec").as_deref(),
+                Some("zstd"),
+                "{role}"
+            );
             let shown = format!("{config:?} {conn:?}");
             assert!(
                 !shown.contains("sekrit-2") && shown.contains("sasl.password=<redacted>"),
@@ -461,6 +530,33 @@ mod tests {
                 "{role}: librdkafka's default, plaintext"
             );
         }
+    }
+
+    #[test]
+    fn a_property_librdkafka_refuses_stops_at_start_without_its_value() {
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            kafka: KafkaArgs,
+        }
+        let parse = |option: &str| {
+            <Args as clap::Parser>::try_parse_from(["t", "--kafka-option", option])
+                .expect("parses")
+                .kafka
+        };
+        let e = parse("sasl.oauthbearer.client.secrett=hush-1")
+            .connection()
+            .expect_err("unknown");
+        assert!(
+            e.starts_with("KAFKA_OPTIONS: sasl.oauthbearer.client.secrett"),
+            "{e}"
+        );
+        let e = parse("socket.timeout.ms=soon-hush-2")
+            .connection()
+            .expect_err("not a number");
+        assert!(e.starts_with("KAFKA_OPTIONS: socket.timeout.ms"), "{e}");
+        assert!(!e.contains("hush"), "{e}");
+        assert!(parse("socket.timeout.ms=20000").connection().is_ok());
     }
 
     /// No client is configured outside this module: every place that builds one starts from a

@@ -110,13 +110,14 @@ pub struct KafkaArgs {
     )]
     pub ssl_key_password: Option<Secret>,
     /// Any other librdkafka property as key=value, applied last to every client (repeatable;
-    /// KAFKA_OPTIONS takes them comma separated). The properties the guarantee depends on are
-    /// refused.
+    /// KAFKA_OPTIONS takes them separated by `;`, so values may hold commas). The properties
+    /// the guarantee depends on are refused. Never shown (values may be secret).
     #[arg(
         long = "kafka-option",
         env = "KAFKA_OPTIONS",
         value_name = "KAFKA_OPTIONS",
-        value_delimiter = ',',
+        value_delimiter = ';',
+        hide_env_values = true,
         value_parser = parse_kafka_option
     )]
     pub options: Vec<KafkaOption>,
@@ -211,14 +212,30 @@ impl std::str::FromStr for Secret {
 pub struct KafkaOption {
     pub key: String,
     pub value: String,
+    /// The entry had no `=` (refused by `KafkaArgs::security_settings`, without showing it: it
+    /// may be part of a secret).
+    pub malformed: bool,
 }
 
 impl KafkaOption {
-    /// Whether the value is kept out of logs (any property whose name says it is secret).
+    /// Whether the value is kept out of logs (any property whose name says it may be secret).
     pub fn is_secret(&self) -> bool {
-        ["password", "secret", "token", "key.pem", "jaas"]
-            .iter()
-            .any(|w| self.key.contains(w))
+        let key = self.key.to_ascii_lowercase();
+        [
+            "password",
+            "secret",
+            "token",
+            "key.pem",
+            "jaas",
+            "oauthbearer.config",
+        ]
+        .iter()
+        .any(|w| key.contains(w))
+    }
+
+    /// The property it sets as librdkafka reads it: a `topic.` prefix names the same property.
+    pub fn property(&self) -> &str {
+        self.key.strip_prefix("topic.").unwrap_or(&self.key)
     }
 }
 
@@ -232,17 +249,20 @@ impl std::fmt::Debug for KafkaOption {
     }
 }
 
-fn parse_kafka_option(s: &str) -> Result<KafkaOption, String> {
-    let (key, value) = s
-        .split_once('=')
-        .ok_or_else(|| "expected key=value (a librdkafka property)".to_owned())?;
-    let key = key.trim();
-    if key.is_empty() {
-        return Err("expected key=value (a librdkafka property)".into());
-    }
-    Ok(KafkaOption {
-        key: key.to_owned(),
-        value: value.trim().to_owned(),
+/// Never fails here: an entry without `=` is refused later without being shown (clap's own error
+/// would print it, and it may be part of a secret).
+fn parse_kafka_option(s: &str) -> Result<KafkaOption, std::convert::Infallible> {
+    Ok(match s.split_once('=') {
+        Some((key, value)) => KafkaOption {
+            key: key.trim().to_owned(),
+            value: value.trim().to_owned(),
+            malformed: key.trim().is_empty(),
+        },
+        None => KafkaOption {
+            key: String::new(),
+            value: String::new(),
+            malformed: !s.trim().is_empty(),
+        },
     })
 }
 
@@ -253,6 +273,10 @@ fn parse_kafka_option(s: &str) -> Result<KafkaOption, String> {
 pub const REFUSED_OPTIONS: &[(&str, &str)] = &[
     ("enable.idempotence", "the exactly-once guarantee depends on it"),
     ("acks", "the exactly-once guarantee depends on it"),
+    (
+        "request.required.acks",
+        "the exactly-once guarantee depends on it (acks)",
+    ),
     ("isolation.level", "the exactly-once guarantee depends on it"),
     ("enable.auto.commit", "the exactly-once guarantee depends on it"),
     (
@@ -263,6 +287,14 @@ pub const REFUSED_OPTIONS: &[(&str, &str)] = &[
     (
         "partitioner",
         "per-device order depends on it (murmur2 on the key)",
+    ),
+    (
+        "auto.offset.reset",
+        "a group without committed offsets would skip events in the topic",
+    ),
+    (
+        "enable.partition.eof",
+        "restores and the dead-letter reader depend on it",
     ),
     ("group.id", "set GROUP_ID"),
     ("group.instance.id", "set GROUP_INSTANCE_ID"),
@@ -385,6 +417,9 @@ impl KafkaArgs {
                 );
             }
             if let Some(p) = &self.ssl_key_password {
+                if self.ssl_key_location.is_none() {
+                    return Err("KAFKA_SSL_KEY_PASSWORD is set, but KAFKA_SSL_KEY_LOCATION is not".into());
+                }
                 out.push(("ssl.key.password".into(), p.expose().to_owned(), true));
             }
         } else if let Some((name, _)) = tls_set.iter().find(|(_, p)| p.is_some()) {
@@ -399,7 +434,13 @@ impl KafkaArgs {
             ));
         }
         for o in &self.options {
-            if let Some((_, why)) = REFUSED_OPTIONS.iter().find(|(k, _)| *k == o.key) {
+            if o.malformed {
+                return Err("KAFKA_OPTIONS: an entry is not key=value (entries are separated by ';')".into());
+            }
+            if o.key.is_empty() {
+                continue; // an empty entry (a trailing ';')
+            }
+            if let Some((_, why)) = REFUSED_OPTIONS.iter().find(|(k, _)| *k == o.property()) {
                 return Err(format!("KAFKA_OPTIONS: {} cannot be set here: {why}", o.key));
             }
             out.push((o.key.clone(), o.value.clone(), o.is_secret()));
@@ -696,9 +737,11 @@ mod tests {
     fn pass_through_options_come_last_and_the_guarantees_properties_are_refused() {
         let args = kafka(&[
             "--kafka-option",
-            "socket.keepalive.enable=true,client.rack=r1",
+            "socket.keepalive.enable=true;client.rack=r1;",
             "--kafka-option",
             "sasl.oauthbearer.client.secret=hush",
+            "--kafka-option",
+            "debug=broker,topic",
         ]);
         let settings = args.security_settings().expect("valid");
         assert_eq!(
@@ -707,6 +750,7 @@ mod tests {
                 ("socket.keepalive.enable".into(), "true".into(), false),
                 ("client.rack".into(), "r1".into(), false),
                 ("sasl.oauthbearer.client.secret".into(), "hush".into(), true),
+                ("debug".into(), "broker,topic".into(), false),
             ]
         );
         assert!(
@@ -714,17 +758,26 @@ mod tests {
             "a secret-looking option's value is not shown"
         );
         for (key, _) in REFUSED_OPTIONS {
-            let e = refused(&["--kafka-option", &format!("{key}=x")]);
-            assert!(
-                e.starts_with(&format!("KAFKA_OPTIONS: {key} cannot be set here")),
-                "{e}"
-            );
+            for key in [key.to_string(), format!("topic.{key}")] {
+                let e = refused(&["--kafka-option", &format!("{key}=x")]);
+                assert!(
+                    e.starts_with(&format!("KAFKA_OPTIONS: {key} cannot be set here")),
+                    "{e}"
+                );
+            }
         }
-        let err = DemoKafka::command()
-            .mut_args(|a| a.env(None::<&str>))
-            .try_get_matches_from(["demo", "--kafka-option", "no-value"])
-            .expect_err("refused");
-        assert!(err.to_string().contains("key=value"), "{err}");
+        let e = refused(&["--kafka-option", "a=b;part-of-a-secret"]);
+        assert!(
+            e.contains("not key=value") && !e.contains("part-of-a-secret"),
+            "{e}"
+        );
+        let e = refused(&[
+            "--kafka-security-protocol",
+            "ssl",
+            "--kafka-ssl-key-password",
+            "k",
+        ]);
+        assert!(e.contains("KAFKA_SSL_KEY_LOCATION"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! the restore of one partition holding BENCH_RESTORE_KEYS (1,000,000; 0 skips it) dedup keys,
 //! from the changelog alone and from the local cache.
 
-use service_common::kafka::Connection;
 use std::collections::VecDeque;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,13 +63,14 @@ fn stream(n: usize) -> (Vec<(usize, i64)>, usize) {
 }
 
 async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
-    let producer: FutureProducer =
-        service_common::kafka::idempotent_producer(&Connection::plaintext(brokers))
-            .set("linger.ms", "20")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "200000")
-            .create()
-            .expect("producer");
+    let producer: FutureProducer = service_common::kafka::idempotent_producer(
+        &service_common::kafka::connection_from_env(brokers).expect("Kafka settings"),
+    )
+    .set("linger.ms", "20")
+    .set("batch.num.messages", "10000")
+    .set("queue.buffering.max.messages", "200000")
+    .create()
+    .expect("producer");
     let start = Instant::now();
     let mut pending = VecDeque::new();
     for (device, ts) in events {
@@ -106,7 +106,7 @@ async fn produce(brokers: &str, topic: &str, events: &[(usize, i64)]) -> f64 {
 
 fn raw_consume(brokers: &str, topic: &str, n: usize) -> f64 {
     let consumer: BaseConsumer = service_common::kafka::manual_consumer(
-        &Connection::plaintext(brokers),
+        &service_common::kafka::connection_from_env(brokers).expect("Kafka settings"),
         &format!("bench-raw-{}", std::process::id()),
     )
     .set("fetch.max.bytes", "16777216")
@@ -222,9 +222,14 @@ async fn main() {
     let dir = std::path::PathBuf::from(env("BENCH_DIR", ".local/bench/processor"));
     std::fs::create_dir_all(&dir).expect("bench directory created");
     let topic = format!("bench-{}", std::process::id());
-    service_common::kafka::ensure_topic(&Connection::plaintext(&brokers), &topic, PARTITIONS, 1)
-        .await
-        .expect("topic");
+    service_common::kafka::ensure_topic(
+        &service_common::kafka::connection_from_env(&brokers).expect("Kafka settings"),
+        &topic,
+        PARTITIONS,
+        1,
+    )
+    .await
+    .expect("topic");
 
     let (events, distinct) = stream(n);
     println!(
@@ -388,7 +393,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         .build()
         .expect("runtime");
     rt.block_on(service_common::kafka::ensure_topic(
-        &Connection::plaintext(brokers),
+        &service_common::kafka::connection_from_env(brokers).expect("Kafka settings"),
         &changelog,
         1,
         1,
@@ -422,7 +427,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         *resume_offset = keys as i64;
     }
     let producer: ThreadedProducer<DefaultProducerContext> = service_common::kafka::transactional_producer(
-        &Connection::plaintext(brokers),
+        &service_common::kafka::connection_from_env(brokers).expect("Kafka settings"),
         &format!("{changelog}-writer"),
     )
     .set("message.max.bytes", "16777216")
@@ -450,7 +455,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
         .expect("commit");
     let timeout = Duration::from_secs(600);
     let from_log = stream_processor::restore::restore(
-        &Connection::plaintext(brokers),
+        &service_common::kafka::connection_from_env(brokers).expect("Kafka settings"),
         &changelog,
         topic,
         0,
@@ -477,7 +482,7 @@ fn restore_bench(brokers: &str, topic: &str, dir: &std::path::Path, keys: usize)
     let start = Instant::now();
     let cached = rt.block_on(cache.load(0)).expect("load");
     let from_cache = stream_processor::restore::restore(
-        &Connection::plaintext(brokers),
+        &service_common::kafka::connection_from_env(brokers).expect("Kafka settings"),
         &changelog,
         topic,
         0,
