@@ -229,9 +229,6 @@ async fn post_batch(
             ),
         ));
     }
-    if items.is_empty() {
-        return Err(ApiError::bad_request("empty_batch", "batch has no events"));
-    }
     let valid: Vec<Event> = items.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
     let mut outcomes = state.publisher.publish(&valid).await.into_iter();
 

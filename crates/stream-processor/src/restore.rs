@@ -188,10 +188,17 @@ struct Quiet;
 
 impl rdkafka::ClientContext for Quiet {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        if !is_end_of_partition(&error) {
             tracing::warn!(error = %error, reason, "changelog reader error");
         }
     }
+}
+
+/// Whether `error` only says a partition was read to its end (it comes both as its own variant
+/// and as a global error carrying the code).
+fn is_end_of_partition(error: &KafkaError) -> bool {
+    matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
 }
 
 impl rdkafka::consumer::ConsumerContext for Quiet {}
@@ -302,5 +309,22 @@ impl Reader<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_partition_is_not_a_reader_error_in_either_form() {
+        use rdkafka::types::RDKafkaErrorCode;
+        assert!(is_end_of_partition(&KafkaError::PartitionEOF(3)));
+        assert!(is_end_of_partition(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        assert!(!is_end_of_partition(&KafkaError::Global(
+            RDKafkaErrorCode::AllBrokersDown
+        )));
     }
 }

@@ -103,10 +103,9 @@ impl Event {
                 } else if n.is_u64() {
                     return Err(ValidationError::new("ts", "must fit in a signed 64-bit integer"));
                 } else {
-                    return Err(ValidationError::new(
-                        "ts",
-                        "must be an integer (epoch milliseconds)",
-                    ));
+                    // JSON has one number type: `1.7e12` and `1700000000000.0` are the integer
+                    // 1700000000000, as Jackson or JavaScript after arithmetic may write it.
+                    integral_ts(n.as_f64().unwrap_or(f64::NAN))?
                 }
             }
             _ => {
@@ -127,6 +126,29 @@ impl Event {
             longitude,
         })
     }
+}
+
+/// A `ts` written as a float: taken when it is an integer >= 0 that the float holds exactly
+/// (below 2^53; from there on, the text may name an integer the float cannot, so it must be
+/// written as an integer).
+fn integral_ts(f: f64) -> Result<i64, ValidationError> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if f.fract() != 0.0 || !f.is_finite() {
+        return Err(ValidationError::new(
+            "ts",
+            "must be an integer (epoch milliseconds)",
+        ));
+    }
+    if f < 0.0 {
+        return Err(ValidationError::new("ts", "must be an integer >= 0"));
+    }
+    if f >= EXACT {
+        return Err(ValidationError::new(
+            "ts",
+            "must be written as an integer from 2^53 on (a fraction or exponent cannot hold it exactly)",
+        ));
+    }
+    Ok(f as i64)
 }
 
 /// Parses a JSON array of events. Returns the first problem, with the item's index.
@@ -306,6 +328,69 @@ mod tests {
             other => panic!("expected item error, got {other:?}"),
         }
         assert!(matches!(parse_batch(b"{}"), Err(ParseError::NotArray)));
+    }
+
+    #[test]
+    fn an_integral_ts_is_taken_in_any_json_form_and_a_fractional_one_is_refused() {
+        for text in [
+            "1700000000000",
+            "1.7e12",
+            "1700000000000.0",
+            "17000000000000e-1",
+            "0.0",
+        ] {
+            let body = format!(r#"{{"deviceId":"d","ts":{text},"latitude":0,"longitude":0}}"#);
+            let e = Event::from_json(body.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let want = if text == "0.0" { 0 } else { 1_700_000_000_000 };
+            assert_eq!(e.ts, want, "{text}");
+            let batch = format!("[{body}]");
+            assert_eq!(
+                parse_batch(batch.as_bytes()).expect("a batch")[0].ts,
+                want,
+                "{text} in a batch"
+            );
+        }
+        for text in ["1700000000000.5", "-1.0", "1e300", "9007199254740993.0"] {
+            let body = format!(r#"{{"deviceId":"d","ts":{text},"latitude":0,"longitude":0}}"#);
+            match Event::from_json(body.as_bytes()) {
+                Err(ParseError::Invalid(e)) => assert_eq!(e.field, "ts", "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn coordinates_are_read_as_written_to_the_last_bit() {
+        let body = br#"{"deviceId":"d","ts":1,"latitude":0,"longitude":3.0404516262184098e-92}"#;
+        let e = Event::from_json(body).expect("valid");
+        assert_eq!(e.longitude.to_bits(), 3.0404516262184098e-92f64.to_bits());
+    }
+
+    proptest::proptest! {
+        /// Any finite coordinate in range survives writing and reading back bit for bit, through
+        /// both parse paths (what the proxy re-encodes is what the processor and the sink read).
+        #[test]
+        fn any_coordinate_survives_the_round_trip_bit_for_bit(
+            lat_bits in proptest::num::u64::ANY,
+            lon_bits in proptest::num::u64::ANY,
+        ) {
+            let fit = |bits: u64, max: f64| {
+                let f = f64::from_bits(bits);
+                if f.is_finite() && f.abs() <= max { f } else { (f64::from_bits(bits >> 12) % max).max(-max) }
+            };
+            let (lat, lon) = (fit(lat_bits, 90.0), fit(lon_bits, 180.0));
+            proptest::prop_assume!(lat.is_finite() && lon.is_finite());
+            let e = Event { device_id: "d".into(), ts: 1, latitude: lat, longitude: lon };
+            let text = serde_json::to_vec(&e).expect("serializes");
+            let fast = Event::from_json(&text).expect("valid");
+            let value: Value = serde_json::from_slice(&text).expect("JSON");
+            let slow = Event::from_value(&value).expect("valid");
+            let batch = parse_batch(format!("[{}]", String::from_utf8_lossy(&text)).as_bytes()).expect("batch");
+            for got in [&fast, &slow, &batch[0]] {
+                proptest::prop_assert_eq!(got.latitude.to_bits(), lat.to_bits());
+                proptest::prop_assert_eq!(got.longitude.to_bits(), lon.to_bits());
+            }
+        }
     }
 
     #[test]

@@ -23,6 +23,30 @@ async fn post_event_stores_it_and_answers_the_row_with_its_id() {
 }
 
 #[tokio::test]
+async fn coordinates_are_stored_and_read_back_as_sent_and_an_integral_float_ts_is_taken() {
+    let app = spawn_app().await;
+    let one = r#"{"deviceId":"exact","ts":1.7e12,"latitude":-12.345678901234567,"longitude":3.0404516262184098e-92}"#;
+    assert_eq!(app.post_json("/event", one).await.status(), StatusCode::CREATED);
+    let batch = r#"[{"deviceId":"exact","ts":1700000000001.0,"latitude":89.99999999999999,"longitude":-179.99999999999997}]"#;
+    assert_eq!(
+        app.post_batch(None, batch.to_owned()).await.status(),
+        StatusCode::CREATED
+    );
+    let page: Value = app.get_json("/events?page=1&size=10").await;
+    let rows = page["data"].as_array().expect("rows");
+    let bits = |v: &Value| v.as_f64().expect("a number").to_bits();
+    assert_eq!(rows[0]["ts"], json!(1_700_000_000_000i64));
+    assert_eq!(bits(&rows[0]["latitude"]), (-12.345678901234567f64).to_bits());
+    assert_eq!(bits(&rows[0]["longitude"]), 3.0404516262184098e-92f64.to_bits());
+    assert_eq!(rows[1]["ts"], json!(1_700_000_000_001i64));
+    assert_eq!(bits(&rows[1]["latitude"]), 89.99999999999999f64.to_bits());
+    assert_eq!(bits(&rows[1]["longitude"]), (-179.99999999999997f64).to_bits());
+    let fractional = r#"{"deviceId":"exact","ts":1700000000000.5,"latitude":0,"longitude":0}"#;
+    let body = error_body(app.post_json("/event", fractional).await, StatusCode::BAD_REQUEST).await;
+    assert_eq!(body["field"], "ts");
+}
+
+#[tokio::test]
 async fn batch_is_stored_in_order_and_reports_ids() {
     let app = spawn_app().await;
     let resp = app.post_batch(None, batch("d", 10, 5)).await;

@@ -363,3 +363,18 @@ async fn proxy_accepts_again_after_a_broker_restart_under_load() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test]
+async fn coordinates_reach_the_topic_as_sent_and_an_integral_float_ts_is_an_integer() {
+    let proxy = spawn_proxy().await;
+    // Written by hand: 1.7e12 for the ts, and coordinates whose shortest forms are long.
+    let body = r#"{"deviceId":"exact","ts":1.7e12,"latitude":-12.345678901234567,"longitude":3.0404516262184098e-92}"#;
+    let resp = proxy.post("/event", "application/json", body).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let msgs = consume(&brokers(), &proxy.topic, 1, Duration::from_secs(20));
+    let got = payload_json(&msgs[0]);
+    assert_eq!(got["ts"], json!(1_700_000_000_000i64), "an integer in the topic");
+    let bits = |v: &Value| v.as_f64().expect("a number").to_bits();
+    assert_eq!(bits(&got["latitude"]), (-12.345678901234567f64).to_bits());
+    assert_eq!(bits(&got["longitude"]), 3.0404516262184098e-92f64.to_bits());
+}
