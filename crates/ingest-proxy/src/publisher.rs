@@ -76,7 +76,8 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
-/// The producer configuration DESIGN.md asks for: idempotent, acks=all, murmur2 on the key.
+/// The proxy's producer: idempotent, acks=all, murmur2 on the key (per-device order, and an
+/// accepted event is durable before it is answered).
 pub fn producer_config(settings: &Settings, conn: &Connection) -> KafkaConfig {
     let mut c = service_common::kafka::idempotent_producer(conn);
     c.set("linger.ms", settings.producer_linger_ms.to_string())

@@ -1,5 +1,5 @@
-//! The drivers around the partition state machines (DESIGN.md, exactly-once protocol and
-//! partition ownership). One task owns every assigned [`Partition`] and feeds it what the
+//! The drivers around the partition state machines (the exactly-once protocol and partition
+//! ownership of README.md, "Cleanup rules and the guarantee"). One task owns every assigned [`Partition`] and feeds it what the
 //! consumer thread reads, timer ticks, checkpoint commits and sink acknowledgements; it carries
 //! out what the partition returns: a checkpoint goes to the partition's transactional writer,
 //! a batch to a sender task (one in flight per partition).

@@ -50,9 +50,17 @@ impl Application {
         let cache = StateStore::open(&settings.state_path, &settings.changelog(), &settings.kafka.topic)
             .with_context(|| format!("opening state store {}", settings.state_path.display()))?;
         let conn = settings.kafka.connection().map_err(anyhow::Error::msg)?;
-        for topic in [&settings.kafka.topic, &settings.dlq_topic] {
-            service_common::kafka::ensure_shared_topic(&settings.kafka, &conn, topic).await;
-        }
+        service_common::kafka::ensure_shared_topic(&settings.kafka, &conn, &settings.kafka.topic).await;
+        // Dead letters are kept until someone deletes them: a broker's default retention would
+        // let them expire unread.
+        service_common::kafka::ensure_topic_with_config_retry(
+            &conn,
+            &settings.dlq_topic,
+            settings.kafka.partitions,
+            settings.kafka.replication,
+            &[("retention.ms", "-1"), ("retention.bytes", "-1")],
+        )
+        .await;
         let admin = TcpListener::bind((settings.admin_bind_addr.as_str(), settings.admin_port))
             .await
             .with_context(|| format!("binding admin port {}", settings.admin_port))?;
