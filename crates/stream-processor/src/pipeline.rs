@@ -95,6 +95,8 @@ impl std::fmt::Debug for Pipeline {
 #[allow(missing_debug_implementations)]
 pub struct Parts {
     pub settings: Arc<Settings>,
+    /// How every client of the pipeline connects (resolved once at start).
+    pub conn: Connection,
     pub consumer: Arc<GroupConsumer>,
     pub inputs: mpsc::Receiver<Input>,
     pub consumer_stop: Arc<AtomicBool>,
@@ -108,6 +110,7 @@ impl Pipeline {
     pub fn new(parts: Parts) -> anyhow::Result<Pipeline> {
         let Parts {
             settings,
+            conn,
             consumer,
             inputs,
             consumer_stop,
@@ -115,7 +118,6 @@ impl Pipeline {
             health,
             writer_prefix,
         } = parts;
-        let conn = settings.kafka.connection().map_err(anyhow::Error::msg)?;
         let admin: AdminClient<DefaultClientContext> =
             conn.config().create().context("creating the admin client")?;
         // Each partition's writer adds its `transactional.id` (`txn::transactional_id`).

@@ -125,6 +125,7 @@ impl Application {
         .context("starting the consumer thread")?;
         let pipeline = Pipeline::new(Parts {
             settings,
+            conn,
             consumer,
             inputs,
             consumer_stop,

@@ -1601,6 +1601,32 @@ mod tests {
         }
     }
 
+    /// What the stream generators send besides an event, by `kind`: for kinds up to
+    /// `last_resend`, an exact resend up to `resend_within` later; for the next kind, a resend
+    /// with other coordinates (a conflict) up to 800 later; for the one after, an event far
+    /// below the lateness, right after; otherwise nothing. Returns (delay, event).
+    fn another_copy(
+        kind: u8,
+        last_resend: u8,
+        resend_within: u64,
+        e: &Event,
+        lateness: i64,
+        next: &mut impl FnMut() -> u64,
+    ) -> Option<(u64, Event)> {
+        let mut extra = e.clone();
+        if kind <= last_resend {
+            Some((next() % resend_within, extra))
+        } else if kind == last_resend + 1 {
+            extra.latitude += 1.0;
+            Some((next() % 800, extra))
+        } else if kind == last_resend + 2 {
+            extra.ts -= lateness + 1 + (next() % 3_000) as i64;
+            Some((1, extra))
+        } else {
+            None
+        }
+    }
+
     /// A fleet whose device clocks disagree: each device's ts runs at an offset of its own
     /// (minutes to days behind or ahead, or microseconds instead of milliseconds), while their
     /// arrivals (processing time) interleave. Each device sends in-time reordering, resends,
@@ -1646,19 +1672,9 @@ mod tests {
                     };
                     let at = t + delay as u64;
                     arrivals.push((at, next(), e.clone()));
-                    match kind {
-                        0..=3 => arrivals.push((at + next() % 3_000, next(), e.clone())),
-                        4 => {
-                            let mut moved = e.clone();
-                            moved.latitude += 1.0;
-                            arrivals.push((at + next() % 800, next(), moved));
-                        }
-                        5 => {
-                            let mut old = e.clone();
-                            old.ts -= lateness + 1 + (next() % 3_000) as i64;
-                            arrivals.push((at + 1, next(), old));
-                        }
-                        _ => {}
+                    // Resends come later here: some after their device was forgotten.
+                    if let Some((after, extra)) = another_copy(kind, 3, 3_000, &e, lateness, &mut next) {
+                        arrivals.push((at + after, next(), extra));
                     }
                 }
             }
@@ -1847,19 +1863,8 @@ mod tests {
                     };
                     let at = ts - delay;
                     arrivals.push((at, next(), e.clone()));
-                    match kind {
-                        0..=2 => arrivals.push((at + (next() % 800) as i64, next(), e.clone())),
-                        3 => {
-                            let mut moved = e.clone();
-                            moved.latitude += 1.0;
-                            arrivals.push((at + (next() % 800) as i64, next(), moved));
-                        }
-                        4 => {
-                            let mut old = e.clone();
-                            old.ts -= lateness + 1 + (next() % 3_000) as i64;
-                            arrivals.push((at + 1, next(), old));
-                        }
-                        _ => {}
+                    if let Some((after, extra)) = another_copy(kind, 2, 800, &e, lateness, &mut next) {
+                        arrivals.push((at + after as i64, next(), extra));
                     }
                 }
             }
